@@ -1,0 +1,208 @@
+# Copyright: pgops.dbrestore contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+"""Shared PostgreSQL connection layer for every module of the collection.
+
+Plain Python (no Ansible import) so tests drive it directly against a real server.
+Option names match community.postgresql so existing group_vars and vaults carry over.
+"""
+
+from __future__ import annotations
+
+import traceback
+from dataclasses import dataclass
+from typing import Any
+
+try:
+    import psycopg
+    from psycopg import sql
+
+    PSYCOPG_IMPORT_ERROR: str | None = None
+except ImportError:  # reported by the module through missing_required_lib
+    psycopg = None
+    sql = None
+    PSYCOPG_IMPORT_ERROR = traceback.format_exc()
+
+
+class PgOpsError(Exception):
+    """An error whose message is meant for the operator; details become extra result keys."""
+
+    def __init__(self, msg: str, **details: Any) -> None:
+        super().__init__(msg)
+        self.details = details
+
+
+def postgres_common_argument_spec() -> dict[str, dict[str, Any]]:
+    """Connection options shared by every module (documented in doc_fragments/postgres.py)."""
+    return dict(
+        login_user=dict(type="str", default="postgres", aliases=["login"]),
+        login_password=dict(type="str", default="", no_log=True),
+        login_host=dict(type="str", default="", aliases=["host"]),
+        login_unix_socket=dict(type="str", default="", aliases=["unix_socket"]),
+        login_port=dict(type="int", default=5432, aliases=["port"]),
+        login_db=dict(type="str", default="postgres", aliases=["maintenance_db"]),
+        ssl_mode=dict(
+            type="str",
+            default="prefer",
+            choices=["allow", "disable", "prefer", "require", "verify-ca", "verify-full"],
+        ),
+        ca_cert=dict(type="str", aliases=["ssl_rootcert"]),
+        ssl_cert=dict(type="path"),
+        ssl_key=dict(type="path", no_log=False),
+        connect_timeout=dict(type="int", default=10),
+        connect_params=dict(type="dict", default={}),
+    )
+
+
+@dataclass(frozen=True)
+class ConnParams:
+    """Where and how to connect; built from module params or by hand in tests."""
+
+    login_user: str = "postgres"
+    login_password: str = ""
+    login_host: str = ""
+    login_unix_socket: str = ""
+    login_port: int = 5432
+    login_db: str = "postgres"
+    ssl_mode: str = "prefer"
+    ca_cert: str | None = None
+    ssl_cert: str | None = None
+    ssl_key: str | None = None
+    connect_timeout: int = 10
+    connect_params: tuple[tuple[str, str], ...] = ()
+
+    @classmethod
+    def from_params(cls, params: dict[str, Any]) -> ConnParams:
+        return cls(
+            login_user=params.get("login_user") or "postgres",
+            login_password=params.get("login_password") or "",
+            login_host=params.get("login_host") or "",
+            login_unix_socket=params.get("login_unix_socket") or "",
+            login_port=int(params.get("login_port") or 5432),
+            login_db=params.get("login_db") or "postgres",
+            ssl_mode=params.get("ssl_mode") or "prefer",
+            ca_cert=params.get("ca_cert"),
+            ssl_cert=params.get("ssl_cert"),
+            ssl_key=params.get("ssl_key"),
+            connect_timeout=int(params.get("connect_timeout") or 10),
+            connect_params=tuple(sorted((str(k), str(v)) for k, v in (params.get("connect_params") or {}).items())),
+        )
+
+    def with_db(self, dbname: str) -> ConnParams:
+        return ConnParams(**{**self.__dict__, "login_db": dbname})
+
+    def libpq_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for psycopg.connect (the unix socket wins over the host, as in libpq)."""
+        kw: dict[str, Any] = {
+            "user": self.login_user,
+            "dbname": self.login_db,
+            "port": self.login_port,
+            "sslmode": self.ssl_mode,
+            "connect_timeout": self.connect_timeout,
+            "application_name": "pgops.dbrestore",
+        }
+        host = self.login_unix_socket or self.login_host
+        if host:
+            kw["host"] = host
+        if self.login_password:
+            kw["password"] = self.login_password
+        for key, value in (("sslrootcert", self.ca_cert), ("sslcert", self.ssl_cert), ("sslkey", self.ssl_key)):
+            if value:
+                kw[key] = value
+        kw.update(dict(self.connect_params))
+        return kw
+
+    def libpq_env(self) -> dict[str, str]:
+        """The same settings as PG* variables, for client tools (pg_restore, psql) run as argv lists."""
+        kw = self.libpq_kwargs()
+        names = {
+            "user": "PGUSER",
+            "dbname": "PGDATABASE",
+            "port": "PGPORT",
+            "sslmode": "PGSSLMODE",
+            "connect_timeout": "PGCONNECT_TIMEOUT",
+            "host": "PGHOST",
+            "password": "PGPASSWORD",
+            "sslrootcert": "PGSSLROOTCERT",
+            "sslcert": "PGSSLCERT",
+            "sslkey": "PGSSLKEY",
+            "application_name": "PGAPPNAME",
+        }
+        return {names[k]: str(v) for k, v in kw.items() if k in names}
+
+    def describe(self) -> str:
+        """Where we connect, for error messages (never the password)."""
+        where = self.login_unix_socket or self.login_host or "default socket"
+        return f"{self.login_user}@{where}:{self.login_port}/{self.login_db}"
+
+
+def require_psycopg() -> None:
+    if psycopg is None:
+        raise PgOpsError("psycopg (version 3) is required on the host that runs this module: pip install 'psycopg[binary]'")
+
+
+def connect(params: ConnParams, *, autocommit: bool = True) -> Any:
+    """Open a connection, turning libpq's multi-line errors into one clear line."""
+    require_psycopg()
+    try:
+        return psycopg.connect(autocommit=autocommit, **params.libpq_kwargs())
+    except psycopg.OperationalError as exc:
+        raise PgOpsError(f"cannot connect to PostgreSQL as {params.describe()}: {one_line(exc)}") from exc
+
+
+def one_line(exc: BaseException) -> str:
+    """The most useful single line of a (libpq) error message."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    if not lines:
+        return exc.__class__.__name__
+    # libpq prefixes every attempted address; the last line names the actual cause.
+    msg = lines[-1] if lines[0].startswith("connection to server") else lines[0]
+    return msg.removeprefix("FATAL:").strip()
+
+
+@dataclass(frozen=True)
+class ServerInfo:
+    version_num: int  # e.g. 180001, 100023, 90624
+    version: str  # e.g. "18.1"
+    is_superuser: bool
+    current_user: str
+
+    @property
+    def major(self) -> int:
+        return self.version_num // 10000 if self.version_num >= 100000 else self.version_num // 100
+
+    @property
+    def pid_column(self) -> str:
+        """pg_stat_activity's backend pid column: procpid before 9.2."""
+        return "pid" if self.version_num >= 90200 else "procpid"
+
+    @property
+    def can_terminate_backends(self) -> bool:
+        """pg_terminate_backend exists from 8.4 on."""
+        return self.version_num >= 80400
+
+    @property
+    def has_allow_connections(self) -> bool:
+        """ALTER DATABASE … ALLOW_CONNECTIONS exists from 9.5 on."""
+        return self.version_num >= 90500
+
+    @property
+    def has_signal_backend_role(self) -> bool:
+        """pg_signal_backend exists from 9.6 on."""
+        return self.version_num >= 90600
+
+
+def server_info(conn: Any) -> ServerInfo:
+    row = conn.execute(
+        "SELECT current_setting('server_version_num')::int, current_setting('server_version'),"
+        " (SELECT rolsuper FROM pg_roles WHERE rolname = current_user), current_user"
+    ).fetchone()
+    return ServerInfo(version_num=row[0], version=row[1].split()[0], is_superuser=bool(row[2]), current_user=row[3])
+
+
+def ident(name: str) -> Any:
+    """A safely quoted identifier (database, role)."""
+    return sql.Identifier(name)
+
+
+def database_exists(conn: Any, dbname: str) -> bool:
+    return conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (dbname,)).fetchone() is not None

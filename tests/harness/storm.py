@@ -1,0 +1,94 @@
+"""Reconnecting clients, as a pooled web app's workers behave.
+
+Each client holds a connection, runs a query every `interval` seconds and, whenever the
+connection breaks or cannot be opened, reconnects at once. Used to prove that a database can
+be cleared and dropped while an app keeps hammering it, and to measure outages.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+
+import psycopg
+
+
+@dataclass
+class ClientStats:
+    connects: int = 0
+    failed_connects: int = 0
+    queries: int = 0
+    broken: int = 0  # connections ended under the client (terminated, server gone)
+    last_ok: float = 0.0
+    longest_gap: float = 0.0  # seconds between two successful queries, the app-visible outage
+
+
+@dataclass
+class Storm:
+    conninfo: dict
+    clients: int = 60
+    interval: float = 0.01
+    query: str = "SELECT 1"
+    stats: list[ClientStats] = field(default_factory=list)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _threads: list[threading.Thread] = field(default_factory=list)
+
+    def __enter__(self) -> Storm:
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        for i in range(self.clients):
+            st = ClientStats()
+            self.stats.append(st)
+            t = threading.Thread(target=self._run, args=(st, f"storm-{i}"), daemon=True)
+            self._threads.append(t)
+            t.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=10)
+
+    def wait_connected(self, at_least: int | None = None, timeout: float = 30) -> None:
+        """Wait until this many clients are connected at once (default: all)."""
+        need = self.clients if at_least is None else at_least
+        deadline = time.monotonic() + timeout
+        while sum(1 for s in self.stats if s.connects > 0) < need:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"only {sum(1 for s in self.stats if s.connects)} of {need} clients connected")
+            time.sleep(0.05)
+
+    def _run(self, st: ClientStats, name: str) -> None:
+        while not self._stop.is_set():
+            try:
+                conn = psycopg.connect(autocommit=True, application_name=name, connect_timeout=5, **self.conninfo)
+            except psycopg.Error:
+                st.failed_connects += 1
+                time.sleep(0.001)
+                continue
+            st.connects += 1
+            try:
+                with conn:
+                    while not self._stop.is_set():
+                        conn.execute(self.query)
+                        now = time.monotonic()
+                        if st.last_ok:
+                            st.longest_gap = max(st.longest_gap, now - st.last_ok)
+                        st.last_ok = now
+                        st.queries += 1
+                        time.sleep(self.interval)
+            except psycopg.Error:
+                st.broken += 1
+
+    @property
+    def total_connects(self) -> int:
+        return sum(s.connects for s in self.stats)
+
+    @property
+    def total_broken(self) -> int:
+        return sum(s.broken for s in self.stats)
