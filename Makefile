@@ -23,7 +23,7 @@ collections: venv
 	ln -sfn $(CURDIR) .cache/collections/ansible_collections/pgops/dbrestore
 
 demo: collections
-	$(PY) -m tests.harness.demo
+	$(PY) demo/demo.py
 
 lint: venv
 	$(BIN)/ruff check .

@@ -137,7 +137,9 @@ class ConnParams:
 
 def require_psycopg() -> None:
     if psycopg is None:
-        raise PgOpsError("psycopg (version 3) is required on the host that runs this module: pip install 'psycopg[binary]'")
+        raise PgOpsError(
+            "psycopg (version 3) is required on the host that runs this module: pip install 'psycopg[binary]'"
+        )
 
 
 def connect(params: ConnParams, *, autocommit: bool = True) -> Any:
@@ -154,9 +156,9 @@ def one_line(exc: BaseException) -> str:
     lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
     if not lines:
         return exc.__class__.__name__
-    # libpq prefixes every attempted address; the last line names the actual cause.
-    msg = lines[-1] if lines[0].startswith("connection to server") else lines[0]
-    return msg.removeprefix("FATAL:").strip()
+    # libpq writes one "connection to server ... failed: cause" line per address tried, then hints.
+    causes = [ln for ln in lines if ln.startswith("connection to server") and "failed:" in ln]
+    return causes[-1] if causes else lines[0]
 
 
 @dataclass(frozen=True)
@@ -167,8 +169,11 @@ class ServerInfo:
     current_user: str
 
     @property
-    def major(self) -> int:
-        return self.version_num // 10000 if self.version_num >= 100000 else self.version_num // 100
+    def major(self) -> str:
+        """ "16" from 10 on, "9.6" before (when the second number was part of the major)."""
+        if self.version_num >= 100000:
+            return str(self.version_num // 10000)
+        return f"{self.version_num // 10000}.{self.version_num // 100 % 100}"
 
     @property
     def pid_column(self) -> str:

@@ -14,8 +14,9 @@ import os
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from ansible_collections.pgops.dbrestore.plugins.module_utils.postgres import (
     ConnParams,
@@ -82,7 +83,9 @@ class SessionFilter:
                 try:
                     ipaddress.ip_network(addr, strict=False)
                 except ValueError as exc:
-                    raise PgOpsError(f"client address {addr!r} is neither an address, a CIDR network nor 'local'") from exc
+                    raise PgOpsError(
+                        f"client address {addr!r} is neither an address, a CIDR network nor 'local'"
+                    ) from exc
 
     def matches(self, s: Session) -> bool:
         if self.users and s.user not in self.users:
@@ -125,9 +128,21 @@ class RestartSpec:
             else:
                 base = ["service", self.service, "restart"]
         elif self.data_dir:
-            base = [self.pg_ctl or "pg_ctl", "restart", "-D", self.data_dir, "-m", "fast", "-w", "-t", str(self.timeout)]
+            base = [
+                self.pg_ctl or "pg_ctl",
+                "restart",
+                "-D",
+                self.data_dir,
+                "-m",
+                "fast",
+                "-w",
+                "-t",
+                str(self.timeout),
+            ]
         else:
-            raise PgOpsError("fallback=restart needs restart_service, restart_data_dir (with pg_ctl) or restart_command")
+            raise PgOpsError(
+                "fallback=restart needs restart_service, restart_data_dir (with pg_ctl) or restart_command"
+            )
         if self.become_user:
             if os.geteuid() == 0:
                 return ["runuser", "-u", self.become_user, "--", *base]
@@ -215,8 +230,13 @@ def list_sessions(conn: Any, info: ServerInfo, db: str) -> list[Session]:
             "WHEN '<IDLE> in transaction' THEN 'idle in transaction' ELSE 'active' END"
         )
     app = "a.application_name" if info.version_num >= 90000 else "''"
-    # autovacuum is ended by DROP DATABASE itself; parallel workers follow their leader
-    kind = " AND a.backend_type NOT IN ('autovacuum worker', 'parallel worker')" if info.version_num >= 100000 else ""
+    # autovacuum is ended by DROP DATABASE itself; parallel workers follow their leader.
+    # Roles without pg_read_all_stats see NULL in most columns of other roles' rows.
+    kind = (
+        " AND coalesce(a.backend_type, '') NOT IN ('autovacuum worker', 'parallel worker')"
+        if info.version_num >= 100000
+        else ""
+    )
     if info.is_superuser:
         can_signal = "true"
     elif info.version_num < 90200:
@@ -266,7 +286,9 @@ def set_blocked(conn: Any, info: ServerInfo, db: str, method: str, roles: Sequen
                 f"PostgreSQL {info.version} has no ALTER DATABASE … ALLOW_CONNECTIONS (added in 9.5): "
                 "use block_new_connections=revoke_connect"
             )
-        stmt = sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS {}").format(ident(db), sql.SQL("false" if blocked else "true"))
+        stmt = sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS {}").format(
+            ident(db), sql.SQL("false" if blocked else "true")
+        )
         _run_ddl(conn, stmt, db)
     elif method == "revoke_connect":
         grantees = sql.SQL(", ").join([sql.SQL("PUBLIC"), *(ident(r) for r in roles)])
@@ -385,7 +407,10 @@ def clear_sessions(
         ends_blocked = req.state == "blocked"
         res.diff = {
             "before": {"blocked": _is_blocked(before, req.block), "sessions": len(matching)},
-            "after": {"blocked": ends_blocked or (_is_blocked(before, req.block) and req.block != "none"), "sessions": 0},
+            "after": {
+                "blocked": ends_blocked or (_is_blocked(before, req.block) and req.block != "none"),
+                "sessions": 0,
+            },
         }
         if check_mode:
             res.terminated = [s.report() for s in matching]

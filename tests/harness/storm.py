@@ -30,6 +30,7 @@ class Storm:
     clients: int = 60
     interval: float = 0.01
     query: str = "SELECT 1"
+    name: str = "storm"  # application_name prefix, e.g. "unicorn worker"
     stats: list[ClientStats] = field(default_factory=list)
     _stop: threading.Event = field(default_factory=threading.Event)
     _threads: list[threading.Thread] = field(default_factory=list)
@@ -45,7 +46,7 @@ class Storm:
         for i in range(self.clients):
             st = ClientStats()
             self.stats.append(st)
-            t = threading.Thread(target=self._run, args=(st, f"storm-{i}"), daemon=True)
+            t = threading.Thread(target=self._run, args=(st, f"{self.name}-{i}"), daemon=True)
             self._threads.append(t)
             t.start()
 
