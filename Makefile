@@ -7,7 +7,11 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 export ANSIBLE_COLLECTIONS_PATH := $(CURDIR)/.cache/collections
 export ANSIBLE_CONFIG := $(CURDIR)/ansible.cfg
 
-.PHONY: venv collections demo test lint pytest build-smoke clean
+# PostgreSQL majors the real-server tests run on (PGOPS_TEST_MAJORS="18" for a quick run)
+PGOPS_TEST_MAJORS ?= 10 11 12 13 14 15 16 17 18
+export PGOPS_TEST_MAJORS
+
+.PHONY: venv collections demo test lint pytest changelog clean
 
 $(VENV)/.installed: requirements.txt
 	python3 -m venv $(VENV)
@@ -25,14 +29,21 @@ collections: venv
 demo: collections
 	$(PY) demo/demo.py
 
-lint: venv
+lint: collections
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/ansible-lint
+	$(BIN)/antsibull-changelog lint
 
 pytest: collections
 	$(BIN)/pytest -q tests
 
 test: lint pytest
+
+# Regenerate CHANGELOG.md from changelogs/fragments for the version in galaxy.yml.
+changelog: collections
+	rm -f changelogs/changelog.yaml
+	$(BIN)/antsibull-changelog release --version $$(sed -n 's/^version: //p' galaxy.yml)
 
 clean:
 	rm -rf .cache .pytest_cache .ruff_cache pgops-dbrestore-*.tar.gz

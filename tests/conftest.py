@@ -29,6 +29,8 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         majors = selected_majors()
         if metafunc.definition.get_closest_marker("edge_majors"):
             majors = sorted({min(majors), max(majors)})
+        if metafunc.definition.get_closest_marker("newest_major"):
+            majors = [max(majors)]
         metafunc.parametrize("pg", majors, indirect=True, scope="session", ids=lambda m: f"pg{m}")
 
 
