@@ -152,6 +152,34 @@ class RestartSpec:
         return base
 
 
+def restart_argument_spec() -> dict[str, dict[str, Any]]:
+    """The restart fallback options (documented in doc_fragments/restart.py)."""
+    return dict(
+        fallback=dict(type="str", default="none", choices=["none", "restart"]),
+        restart_service=dict(type="str"),
+        restart_data_dir=dict(type="path"),
+        restart_pg_ctl=dict(type="path", default="pg_ctl"),
+        restart_command=dict(type="list", elements="str", default=[]),
+        restart_become_user=dict(type="str"),
+        restart_sudo=dict(type="bool", default=False),
+        restart_timeout=dict(type="int", default=120),
+    )
+
+
+def restart_spec_from_params(p: dict[str, Any]) -> RestartSpec | None:
+    if p.get("fallback") != "restart":
+        return None
+    return RestartSpec(
+        service=p["restart_service"],
+        pg_ctl=p["restart_pg_ctl"],
+        data_dir=p["restart_data_dir"],
+        command=tuple(p["restart_command"]),
+        become_user=p["restart_become_user"],
+        use_sudo=p["restart_sudo"],
+        timeout=p["restart_timeout"],
+    )
+
+
 @dataclass
 class ClearRequest:
     db: str

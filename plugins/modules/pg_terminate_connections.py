@@ -23,6 +23,7 @@ author:
   - pgops.dbrestore contributors
 extends_documentation_fragment:
   - pgops.dbrestore.postgres
+  - pgops.dbrestore.restart
 attributes:
   check_mode:
     support: full
@@ -109,47 +110,6 @@ options:
       - Seconds to keep ending sessions (clients reconnect) before failing with the list of survivors.
     type: float
     default: 30
-  fallback:
-    description:
-      - V(restart) restarts the server when sessions cannot be terminated; configure one of O(restart_service),
-        O(restart_data_dir) or O(restart_command).
-    type: str
-    choices: [ none, restart ]
-    default: none
-  restart_service:
-    description:
-      - Service to restart (C(systemctl restart NAME), or C(service NAME restart) without systemd).
-    type: str
-  restart_data_dir:
-    description:
-      - Data directory for C(pg_ctl restart -m fast -w).
-    type: path
-  restart_pg_ctl:
-    description:
-      - Path of C(pg_ctl) used with O(restart_data_dir).
-    type: path
-    default: pg_ctl
-  restart_command:
-    description:
-      - Explicit argv of the restart command, for example C([/etc/init.d/postgresql, restart]). Never run through a shell.
-    type: list
-    elements: str
-    default: []
-  restart_become_user:
-    description:
-      - Run the restart command as this user, with C(sudo -n -u USER) (C(runuser) when the module runs as root).
-        The sudoers rule must allow the exact command without a tty (see the pgops.dbrestore.sudo role).
-    type: str
-  restart_sudo:
-    description:
-      - Run the restart command through C(sudo -n) as root (when O(restart_become_user) is not set).
-    type: bool
-    default: false
-  restart_timeout:
-    description:
-      - Seconds the restart may take.
-    type: int
-    default: 120
 seealso:
   - module: pgops.dbrestore.pg_restore_db
   - name: pg_terminate_backend
@@ -267,24 +227,14 @@ from ansible_collections.pgops.dbrestore.plugins.module_utils.postgres import (
 from ansible_collections.pgops.dbrestore.plugins.module_utils.sessions import (
     STATES,
     ClearRequest,
-    RestartSpec,
     SessionFilter,
     clear_sessions,
+    restart_argument_spec,
+    restart_spec_from_params,
 )
 
 
 def request_from_params(p: dict) -> ClearRequest:
-    restart = None
-    if p["fallback"] == "restart":
-        restart = RestartSpec(
-            service=p["restart_service"],
-            pg_ctl=p["restart_pg_ctl"],
-            data_dir=p["restart_data_dir"],
-            command=tuple(p["restart_command"]),
-            become_user=p["restart_become_user"],
-            use_sudo=p["restart_sudo"],
-            timeout=p["restart_timeout"],
-        )
     return ClearRequest(
         db=p["db"],
         state=p["state"],
@@ -301,7 +251,7 @@ def request_from_params(p: dict) -> ClearRequest:
         cancel_first=p["cancel_first"],
         wait_timeout=p["wait_timeout"],
         fallback=p["fallback"],
-        restart=restart,
+        restart=restart_spec_from_params(p),
     )
 
 
@@ -320,15 +270,8 @@ def main() -> None:
         session_states=dict(type="list", elements="str", default=[], choices=list(STATES)),
         cancel_first=dict(type="bool", default=False),
         wait_timeout=dict(type="float", default=30),
-        fallback=dict(type="str", default="none", choices=["none", "restart"]),
-        restart_service=dict(type="str"),
-        restart_data_dir=dict(type="path"),
-        restart_pg_ctl=dict(type="path", default="pg_ctl"),
-        restart_command=dict(type="list", elements="str", default=[]),
-        restart_become_user=dict(type="str"),
-        restart_sudo=dict(type="bool", default=False),
-        restart_timeout=dict(type="int", default=120),
     )
+    argument_spec.update(restart_argument_spec())
     module = AnsibleModule(argument_spec=argument_spec, supports_check_mode=True)
     if PSYCOPG_IMPORT_ERROR:
         module.fail_json(msg=missing_required_lib("psycopg"), exception=PSYCOPG_IMPORT_ERROR)

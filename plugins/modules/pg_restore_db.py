@@ -1,0 +1,381 @@
+#!/usr/bin/python
+# Copyright: pgops.dbrestore contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+module: pg_restore_db
+short_description: Restore a live PostgreSQL database from a dump without risking the live data
+version_added: 0.1.0
+description:
+  - Replaces the database O(db), which applications may be connected to, with the contents of the dump O(src).
+  - The dump's format is found from its content (custom, directory, tar, plain SQL, gzip/zstd/lz4 compressed plain
+    SQL), never from its name. Archives are restored with C(pg_restore --exit-on-error), plain SQL with
+    C(psql -v ON_ERROR_STOP=1 --single-transaction), always as argument lists, never through a shell.
+  - O(strategy=swap) restores into a staging database, verifies it, and only then, in one short window, blocks and
+    clears the live database and renames live to C(<db>_prev_<UTC time>) and staging to O(db) in one transaction.
+    The application-visible outage is that window, whatever the size of the database. A failed restore leaves the
+    live database untouched and removes the staging copy.
+  - O(strategy=replace) blocks and clears the live database, drops it and restores, for hosts without room for two
+    copies. It first reads the whole dump (C(pg_restore -f /dev/null), or every line of a plain dump), but a dump
+    that reads fine and still fails to load leaves the database gone; prefer V(swap).
+  - O(rollback=true) swaps the newest previous copy back in the same safe way; the replaced database is kept as
+    C(<db>_undone_<UTC time>).
+  - The restored database carries a marker (the sha256 of the dump) in the table C(pgops_dbrestore.restore_marker).
+    The same dump again does nothing (RV(changed=false)) unless O(force=true).
+  - Database-level settings of the live database (owner, GRANTs on the database, connection limit, comment and
+    C(ALTER DATABASE/ROLE ... SET) values) carry over to the restored copy.
+  - A PostgreSQL advisory lock per target database stops a second run at once (or queues it with O(lock_timeout)).
+    A staging database left behind by a killed run is dropped by the next run.
+  - Plain dumps that create or enter their own database (C(pg_dump --create), or files with C(CREATE DATABASE) and
+    C(\connect) lines) are restored without those statements, which are listed in RV(stripped_statements).
+author:
+  - pgops.dbrestore contributors
+extends_documentation_fragment:
+  - pgops.dbrestore.postgres
+  - pgops.dbrestore.restart
+attributes:
+  check_mode:
+    support: full
+    details: Reads the dump (format, C(pg_restore -l)), reports the plan (databases to create, rename and drop) and
+      whether the marker already matches; changes nothing.
+  diff_mode:
+    support: full
+    details: Shows the marker of the live database before and after (dump sha256, format, file name, time).
+options:
+  db:
+    description:
+      - The database to restore (created if it does not exist).
+    type: str
+    required: true
+    aliases: [ name ]
+  src:
+    description:
+      - The dump, a file or a pg_dump directory-format directory. Required unless O(rollback=true).
+    type: path
+  strategy:
+    description:
+      - V(swap) restores next to the live database and switches in one short window.
+      - V(replace) drops the live database first (less disk, long outage, no way back if the load fails).
+    type: str
+    choices: [ swap, replace ]
+    default: swap
+  rollback:
+    description:
+      - Swap the newest C(<db>_prev_*) copy back in place of O(db). Fails when there is none.
+    type: bool
+    default: false
+  keep_previous:
+    description:
+      - How many C(<db>_prev_*) copies to keep after a successful swap; older ones are dropped. V(0) keeps none
+        (and so allows no rollback).
+    type: int
+    default: 1
+  force:
+    description:
+      - Restore even when the database already carries the marker of this dump.
+    type: bool
+    default: false
+  owner:
+    description:
+      - Owner of the restored database. Default is the owner of the live database (or the login role for a new one).
+    type: str
+  template:
+    description:
+      - Template for the new database.
+    type: str
+    default: template0
+  encoding:
+    description:
+      - Encoding of the new database. Default is the live database's.
+    type: str
+  lc_collate:
+    description:
+      - C(LC_COLLATE) of the new database. Default is the live database's.
+    type: str
+  lc_ctype:
+    description:
+      - C(LC_CTYPE) of the new database. Default is the live database's.
+    type: str
+  jobs:
+    description:
+      - Parallel jobs of C(pg_restore) for custom and directory dumps. Default is the number of CPUs.
+    type: int
+  bindir:
+    description:
+      - Directory of the C(pg_restore) and C(psql) to use. Default is the first on C(PATH).
+    type: path
+  restore_args:
+    description:
+      - Extra arguments for C(pg_restore) or C(psql), as a list (for example C([--no-owner, --no-privileges])).
+    type: list
+    elements: str
+    default: []
+  verify_query:
+    description:
+      - A query run on the restored copy before the switch; its first column must be true, or nothing is switched.
+    type: str
+  analyze:
+    description:
+      - Run C(ANALYZE) on the restored copy before the switch, so the first queries get good plans.
+    type: bool
+    default: false
+  lock_timeout:
+    description:
+      - Seconds to wait for another run on the same database to finish. V(0) fails at once.
+    type: float
+    default: 0
+  block_new_connections:
+    description:
+      - How the live database is closed during the switch (see M(pgops.dbrestore.pg_terminate_connections)).
+        V(allow_connections) falls back to V(revoke_connect) on servers older than 9.5.
+    type: str
+    choices: [ allow_connections, revoke_connect ]
+    default: allow_connections
+  block_roles:
+    description:
+      - Roles whose C(CONNECT) is revoked with O(block_new_connections=revoke_connect).
+    type: list
+    elements: str
+    default: []
+  wait_timeout:
+    description:
+      - Seconds to keep ending sessions of the live database before giving up (nothing is switched then).
+    type: float
+    default: 30
+notes:
+  - Needs C(CREATEDB) (or superuser) and the right to end the live database's sessions (see
+    M(pgops.dbrestore.pg_terminate_connections)).
+  - The staging database is named C(<db>_pgops_staging); names longer than 36 bytes are shortened with a hash
+    for the staging and previous copies, to fit PostgreSQL's 63-byte limit.
+seealso:
+  - module: pgops.dbrestore.pg_terminate_connections
+"""
+
+EXAMPLES = r"""
+- name: Restore hoge_db from last night's dump while the app is running
+  pgops.dbrestore.pg_restore_db:
+    db: hoge_db
+    src: /var/backups/postgresql/hoge_db.dump
+    verify_query: SELECT count(*) > 0 FROM users
+    analyze: true
+  register: restored
+
+- name: Show what happened and how to undo it
+  ansible.builtin.debug:
+    msg:
+      - "outage {{ restored.switch_window_ms }} ms, {{ restored.terminated }} sessions ended"
+      - "old copy: {{ restored.previous_db }}"
+      - "undo: ansible-playbook playbooks/rollback.yml -e db=hoge_db"
+
+- name: Roll back to the copy from before the restore
+  pgops.dbrestore.pg_restore_db:
+    db: hoge_db
+    rollback: true
+
+- name: Small disk - drop and restore in place (long outage)
+  pgops.dbrestore.pg_restore_db:
+    db: hoge_db
+    src: /var/backups/postgresql/hoge_db.sql.zst
+    strategy: replace
+"""
+
+RETURN = r"""
+db:
+  description: The restored database.
+  returned: always
+  type: str
+  sample: hoge_db
+strategy:
+  description: V(swap), V(replace) or V(rollback).
+  returned: always
+  type: str
+  sample: swap
+format:
+  description: The dump format found from its content.
+  returned: unless rollback
+  type: str
+  sample: custom
+sha256:
+  description: sha256 of the dump (of all its files, for a directory dump).
+  returned: unless rollback
+  type: str
+  sample: 9f2c0e5d4b0b6c5e8a3d1f7e2a9b4c6d8e0f1a2b3c4d5e6f7a8b9c0d1e2f3a4b
+server_version:
+  description: Version of the server.
+  returned: always
+  type: str
+  sample: "16.4"
+marker_before:
+  description: The marker of the live database before, or null.
+  returned: always
+  type: dict
+  sample: {sha256: 9f2c..., format: custom, size: 1048576, src: hoge_db.dump, restored_at: "2026-11-24T03:00:12Z"}
+marker_after:
+  description: The marker of the database after the run.
+  returned: success
+  type: dict
+  sample: {sha256: 4be1..., format: custom, size: 1050112, src: hoge_db.dump, restored_at: "2026-11-25T03:00:09Z"}
+staging_db:
+  description: Name of the staging database used.
+  returned: unless rollback
+  type: str
+  sample: hoge_db_pgops_staging
+previous_db:
+  description: The copy the live database was renamed to (swap), or the copy swapped back (rollback).
+  returned: always
+  type: str
+  sample: hoge_db_prev_20261125T030009123Z
+dropped:
+  description: Databases dropped (leftover staging, copies beyond O(keep_previous)).
+  returned: always
+  type: list
+  elements: str
+  sample: [hoge_db_prev_20261124T030011456Z]
+terminated:
+  description: Number of sessions ended during the switch.
+  returned: always
+  type: int
+  sample: 24
+terminated_sessions:
+  description: The sessions ended (pid, user, application, client, state, backend_start).
+  returned: always
+  type: list
+  elements: dict
+  sample: [{pid: 4242, user: webapp, application: "unicorn worker[0]", client: 10.0.0.5, state: idle,
+            backend_start: "2026-11-25T02:00:00.000000+00"}]
+restarted:
+  description: Whether the server was restarted by the fallback.
+  returned: always
+  type: bool
+  sample: false
+switch_window_ms:
+  description: Milliseconds the database was closed to the application (block, terminate, rename).
+  returned: always
+  type: int
+  sample: 180
+phases_ms:
+  description: Milliseconds per phase (lock, inspect, preflight, stage, verify, switch, cleanup, total).
+  returned: always
+  type: dict
+  sample: {lock: 1, inspect: 40, preflight: 90, stage: 5400, verify: 120, switch: 180, cleanup: 300, total: 6131}
+stripped_statements:
+  description: Statements of a plain dump that were left out because they act on other databases.
+  returned: always
+  type: list
+  elements: str
+  sample: ["DROP DATABASE IF EXISTS chinook;", "CREATE DATABASE chinook;", "\\c chinook;"]
+rollback:
+  description: Module arguments that undo this restore (empty when no previous copy was kept).
+  returned: always
+  type: dict
+  sample: {db: hoge_db, rollback: true}
+rollback_sql:
+  description: The same undo as SQL statements, for a person at psql.
+  returned: always
+  type: list
+  elements: str
+  sample: ['ALTER DATABASE "hoge_db" ALLOW_CONNECTIONS false;', '...']
+plan:
+  description: The steps, in order (what check mode would do).
+  returned: always
+  type: list
+  elements: str
+  sample: ['create "hoge_db_pgops_staging" and restore custom dump into it', 'verify it', 'block and clear "hoge_db"']
+log:
+  description: What happened, one line per step.
+  returned: always
+  type: list
+  elements: str
+  sample: ['restored the custom dump into "hoge_db_pgops_staging" in 5400 ms']
+"""
+
+import os
+
+from ansible.module_utils.basic import AnsibleModule, missing_required_lib
+
+from ansible_collections.pgops.dbrestore.plugins.module_utils.postgres import (
+    PSYCOPG_IMPORT_ERROR,
+    ConnParams,
+    PgOpsError,
+    postgres_common_argument_spec,
+)
+from ansible_collections.pgops.dbrestore.plugins.module_utils.restore import RestoreRequest, restore_database
+from ansible_collections.pgops.dbrestore.plugins.module_utils.sessions import (
+    restart_argument_spec,
+    restart_spec_from_params,
+)
+
+
+def main() -> None:
+    argument_spec = postgres_common_argument_spec()
+    argument_spec.update(restart_argument_spec())
+    argument_spec.update(
+        db=dict(type="str", required=True, aliases=["name"]),
+        src=dict(type="path"),
+        strategy=dict(type="str", default="swap", choices=["swap", "replace"]),
+        rollback=dict(type="bool", default=False),
+        keep_previous=dict(type="int", default=1),
+        force=dict(type="bool", default=False),
+        owner=dict(type="str"),
+        template=dict(type="str", default="template0"),
+        encoding=dict(type="str"),
+        lc_collate=dict(type="str"),
+        lc_ctype=dict(type="str"),
+        jobs=dict(type="int"),
+        bindir=dict(type="path"),
+        restore_args=dict(type="list", elements="str", default=[]),
+        verify_query=dict(type="str"),
+        analyze=dict(type="bool", default=False),
+        lock_timeout=dict(type="float", default=0),
+        block_new_connections=dict(
+            type="str", default="allow_connections", choices=["allow_connections", "revoke_connect"]
+        ),
+        block_roles=dict(type="list", elements="str", default=[]),
+        wait_timeout=dict(type="float", default=30),
+    )
+    module = AnsibleModule(
+        argument_spec=argument_spec,
+        supports_check_mode=True,
+        required_if=[("rollback", False, ("src",))],
+    )
+    if PSYCOPG_IMPORT_ERROR:
+        module.fail_json(msg=missing_required_lib("psycopg"), exception=PSYCOPG_IMPORT_ERROR)
+    p = module.params
+    try:
+        req = RestoreRequest(
+            db=p["db"],
+            src=os.path.abspath(p["src"]) if p["src"] else None,
+            strategy=p["strategy"],
+            rollback=p["rollback"],
+            owner=p["owner"],
+            template=p["template"],
+            encoding=p["encoding"],
+            lc_collate=p["lc_collate"],
+            lc_ctype=p["lc_ctype"],
+            jobs=p["jobs"],
+            bindir=p["bindir"],
+            restore_args=tuple(p["restore_args"]),
+            keep_previous=p["keep_previous"],
+            verify_query=p["verify_query"],
+            analyze=p["analyze"],
+            force=p["force"],
+            lock_timeout=p["lock_timeout"],
+            block=p["block_new_connections"],
+            block_roles=tuple(p["block_roles"]),
+            wait_timeout=p["wait_timeout"],
+            fallback=p["fallback"],
+            restart=restart_spec_from_params(p),
+        )
+        result = restore_database(ConnParams.from_params(p), req, check_mode=module.check_mode)
+    except PgOpsError as exc:
+        module.fail_json(msg=str(exc), **{"changed": False, **exc.details})
+    out = result.as_dict()
+    if not module._diff:
+        out.pop("diff")
+    module.exit_json(**out)
+
+
+if __name__ == "__main__":
+    main()
