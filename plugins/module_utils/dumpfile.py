@@ -146,8 +146,9 @@ def open_plain(path: str, fmt: str) -> IO[bytes] | _ProcessStream:
 class PlainFilter:
     """Streams plain SQL, dropping statements that act on other databases; COPY data passes untouched."""
 
+    # settings the target server does not know (SET transaction_timeout from pg_dump 17+ on older servers)
+    unknown_settings: tuple[str, ...] = ()
     dropped: list[str] = field(default_factory=list)
-
     in_comment: bool = False  # inside a /* ... */ block, where "Drop database" is prose
 
     def lines(self, stream: IO[bytes] | _ProcessStream) -> Iterator[bytes]:
@@ -183,6 +184,9 @@ class PlainFilter:
             return False, True
         if _COPY_FROM_STDIN.match(text):
             return True, True
+        if self.unknown_settings and re.match(rf"^SET ({'|'.join(self.unknown_settings)}) = ", text):
+            self.dropped.append(text.strip())
+            return False, False
         if _CONNECT.match(text) or _DB_STATEMENT.match(text):
             if _DB_STATEMENT.match(text) and not text.rstrip().endswith(";"):
                 raise PgOpsError(

@@ -432,10 +432,44 @@ def _run_tool(argv: list[str], env: dict[str, str], feed: Any = None) -> None:
         code = proc.wait()
         err.seek(0)
         message = err.read().decode(errors="replace")
-    if feed_error is not None:
+    if feed_error is not None:  # the real cause: the tool was stopped because its input failed
         raise feed_error
     if code != 0:
         raise PgOpsError(f"{os.path.basename(argv[0])} exited with {code}: {_tail(message)}")
+
+
+class _ToolOutput:
+    """stdout of a producing tool (pg_restore -f -) as a stream; its exit status is checked at the end."""
+
+    def __init__(self, argv: list[str], env: dict[str, str]) -> None:
+        self.argv = argv
+        self.err = tempfile.TemporaryFile()
+        self.proc = subprocess.Popen(_dies_with_us(argv), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                     stderr=self.err, env=env)  # fmt: skip
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.proc.stdout.read(n)  # type: ignore[union-attr]
+        if not data and self.proc.wait() != 0:
+            self.err.seek(0)
+            message = self.err.read().decode(errors="replace")
+            raise PgOpsError(f"{os.path.basename(self.argv[0])} exited with {self.proc.returncode}: {_tail(message)}")
+        return data
+
+    def __enter__(self) -> _ToolOutput:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.proc.kill()
+        self.proc.wait()
+        self.proc.stdout.close()  # type: ignore[union-attr]
+        self.err.close()
+
+
+def tool_major(path: str) -> int:
+    """Major version of a client tool, from "pg_restore (PostgreSQL) 18.6"."""
+    out = subprocess.run([path, "--version"], capture_output=True, text=True, check=False).stdout
+    m = re.search(r"\b(\d+)(?:\.\d+)?", out.split(")")[-1])
+    return int(m.group(1)) if m else 0
 
 
 def tool_env(params: ConnParams) -> dict[str, str]:
@@ -475,21 +509,31 @@ def _first(it: Any, n: int) -> Any:
         yield item
 
 
-def restore_into(params: ConnParams, dbname: str, dump: DumpInfo, req: RestoreRequest) -> list[str]:
-    """Load the dump into dbname with pg_restore --exit-on-error or psql ON_ERROR_STOP (one transaction)."""
+def restore_into(params: ConnParams, info: ServerInfo, dbname: str, dump: DumpInfo, req: RestoreRequest) -> list[str]:
+    """Load the dump into dbname with pg_restore --exit-on-error or psql ON_ERROR_STOP (one transaction).
+
+    pg_restore 17+ sends SET transaction_timeout, which servers before 17 reject: against those,
+    the archive is turned into SQL (pg_restore -f -) and fed to psql without that line.
+    """
     env = tool_env(params)
+    old_server = info.version_num < 170000
+    psql = [find_tool("psql", req.bindir), "-X", "-q", "--no-password", "-v", "ON_ERROR_STOP=1",
+            "--single-transaction", "-d", conninfo_for(dbname), "-f", "-"]  # fmt: skip
+    flt = PlainFilter(unknown_settings=("transaction_timeout",) if old_server else ())
     if dump.is_archive:
-        jobs = req.jobs or os.cpu_count() or 1
-        argv = [find_tool("pg_restore", req.bindir), "--exit-on-error", "--no-password", "-d", conninfo_for(dbname)]
-        if dump.format != "tar" and jobs > 1:  # tar archives cannot be restored in parallel
-            argv.append(f"--jobs={jobs}")
-        _run_tool([*argv, *req.restore_args, os.path.abspath(dump.path)], env)
-        return []
-    flt = PlainFilter()
-    argv = [find_tool("psql", req.bindir), "-X", "-q", "--no-password", "-v", "ON_ERROR_STOP=1",
-            "--single-transaction", "-d", conninfo_for(dbname), *req.restore_args, "-f", "-"]  # fmt: skip
+        pg_restore = find_tool("pg_restore", req.bindir)
+        if not (old_server and tool_major(pg_restore) >= 17):
+            jobs = req.jobs or os.cpu_count() or 1
+            argv = [pg_restore, "--exit-on-error", "--no-password", "-d", conninfo_for(dbname)]
+            if dump.format != "tar" and jobs > 1:  # tar archives cannot be restored in parallel
+                argv.append(f"--jobs={jobs}")
+            _run_tool([*argv, *req.restore_args, os.path.abspath(dump.path)], env)
+            return []
+        with _ToolOutput([pg_restore, "-f", "-", *req.restore_args, os.path.abspath(dump.path)], env) as sql_out:
+            _run_tool(psql, env, feed=flt.lines(sql_out))
+        return flt.dropped
     with open_plain(dump.path, dump.format) as stream:
-        _run_tool(argv, env, feed=flt.lines(stream))
+        _run_tool([*psql[:-2], *req.restore_args, "-f", "-"], env, feed=flt.lines(stream))
     return flt.dropped
 
 
@@ -619,7 +663,7 @@ def _stage(
     create_database(conn, staging, req, live)
     try:
         with clock.phase("stage"):
-            res.stripped_statements = restore_into(params, staging, dump, req)
+            res.stripped_statements = restore_into(params, info, staging, dump, req)
         res.log.append(f'restored the {dump.format} dump into "{staging}" in {res.phases_ms["stage"]} ms')
         with clock.phase("verify"):
             verify(params, staging, req)
