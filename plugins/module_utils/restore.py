@@ -52,6 +52,9 @@ from ansible_collections.pgops.dbrestore.plugins.module_utils.sessions import (
 )
 
 STRATEGIES = ("swap", "replace")
+# all: the whole restore; stage/switch split it so a set of databases (shards) is switched only
+# when every staged copy verified; abort drops a staged copy
+PHASES = ("all", "stage", "switch", "abort")
 # first key of the advisory lock, "pgop"; the second is hashtext(<db>)
 LOCK_CLASS = 0x70676F70
 MARKER_SCHEMA = "pgops_dbrestore"
@@ -124,11 +127,16 @@ class RestoreRequest:
     wait_timeout: float = 30
     fallback: str = "none"
     restart: RestartSpec | None = None
+    phase: str = "all"
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
             raise PgOpsError(f"strategy must be one of {list(STRATEGIES)}, not {self.strategy!r}")
-        if not self.rollback and not self.src:
+        if self.phase not in PHASES:
+            raise PgOpsError(f"phase must be one of {list(PHASES)}, not {self.phase!r}")
+        if self.phase != "all" and (self.strategy != "swap" or self.rollback):
+            raise PgOpsError(f"phase={self.phase} works with strategy=swap only, and not with rollback")
+        if not self.rollback and not self.src and self.phase in ("all", "stage"):
             raise PgOpsError("src (the dump to restore) is required unless rollback=true")
         if self.keep_previous < 0:
             raise PgOpsError("keep_previous must be 0 or more")
@@ -143,12 +151,16 @@ class RestoreResult:
     changed: bool = False
     db: str = ""
     strategy: str = ""
+    phase: str = "all"
     format: str = ""
     sha256: str = ""
     server_version: str = ""
     marker_before: dict | None = None
     marker_after: dict | None = None
     staging_db: str = ""
+    staged: bool = False  # phase=stage: a verified copy waits for phase=switch
+    live_size_bytes: int = 0
+    data_directory: str = ""  # empty when the login role may not see it
     previous_db: str = ""
     dropped: list[str] = field(default_factory=list)
     terminated: int = 0
@@ -556,7 +568,7 @@ def verify(params: ConnParams, dbname: str, req: RestoreRequest) -> None:
 
 
 def restore_database(params: ConnParams, req: RestoreRequest, *, check_mode: bool = False) -> RestoreResult:
-    res = RestoreResult(db=req.db, strategy="rollback" if req.rollback else req.strategy)
+    res = RestoreResult(db=req.db, strategy="rollback" if req.rollback else req.strategy, phase=req.phase)
     clock = _Clock(res)
     conn = connect(params)
     try:
@@ -567,6 +579,10 @@ def restore_database(params: ConnParams, req: RestoreRequest, *, check_mode: boo
                 acquire_lock(conn, req.db, req.lock_timeout)
         if req.rollback:
             _rollback(conn, info, params, req, res, clock, check_mode)
+        elif req.phase == "abort":
+            _abort(info, params, req, res, conn, check_mode)
+        elif req.phase == "switch":
+            _switch_staged(conn, info, params, req, res, clock, check_mode)
         else:
             _restore(conn, info, params, req, res, clock, check_mode)
         return res
@@ -585,6 +601,7 @@ def _restore(
         res.sha256 = fingerprint(dump)
         live_exists = database_exists(conn, req.db)
         res.marker_before = read_marker(params, req.db) if live_exists else None
+        _sizes(conn, req.db, res, live_exists)
     staging = res.staging_db = staging_name(req.db)
     stale = database_exists(conn, staging)
     new_marker = {"sha256": res.sha256, "format": dump.format, "size": dump.size,
@@ -635,6 +652,11 @@ def _restore(
         res.dropped.append(staging)
         res.log.append(f'dropped "{staging}" left behind by an interrupted run')
     live = read_settings(conn, req.db) if live_exists else None
+    if req.phase == "stage":
+        _stage(conn, info, params, req, res, clock, dump, live)
+        res.staged = True
+        res.log.append(f'"{staging}" is restored and verified; phase=switch puts it in place of "{req.db}"')
+        return
     if replace:
         _switch_replace(conn, info, params, req, res, clock, dump, live)
     else:
@@ -650,6 +672,65 @@ def _restore(
             res.log.append(f'"{req.db}" did not exist: created it from the dump')
     res.marker_after = read_marker(params, req.db)
     res.diff["after"]["marker"] = res.marker_after
+    with clock.phase("cleanup"):
+        _drop_old_copies(conn, info, params, req, res)
+
+
+def _sizes(conn: Any, db: str, res: RestoreResult, live_exists: bool) -> None:
+    """Size of the live database and where the cluster keeps its data, for disk-space checks."""
+    if live_exists:
+        try:
+            res.live_size_bytes = conn.execute("SELECT pg_database_size(%s)", (db,)).fetchone()[0]
+        except psycopg.Error:  # needs CONNECT on it or pg_read_all_stats
+            res.live_size_bytes = 0
+    try:
+        res.data_directory = conn.execute("SELECT current_setting('data_directory')").fetchone()[0]
+    except psycopg.Error:  # superuser or pg_read_all_settings only
+        res.data_directory = ""
+
+
+def _abort(info: ServerInfo, params: ConnParams, req: RestoreRequest, res: RestoreResult, conn: Any,
+           check_mode: bool) -> None:  # fmt: skip
+    staging = res.staging_db = staging_name(req.db)
+    if database_exists(conn, staging):
+        res.changed = True
+        res.plan = [f'drop "{staging}"']
+        if not check_mode:
+            drop_database(params, info, staging, req.wait_timeout)
+            res.dropped.append(staging)
+            res.log.append(f'dropped the staged copy "{staging}"; "{req.db}" was not touched')
+
+
+def _switch_staged(
+    conn: Any, info: ServerInfo, params: ConnParams, req: RestoreRequest, res: RestoreResult, clock: _Clock,
+    check_mode: bool,
+) -> None:  # fmt: skip
+    """phase=switch: put the copy staged earlier in place (no-op when the live one already holds src)."""
+    staging = res.staging_db = staging_name(req.db)
+    live_exists = database_exists(conn, req.db)
+    res.marker_before = read_marker(params, req.db) if live_exists else None
+    if req.src:
+        res.sha256 = fingerprint(detect_format(req.src))
+    if not database_exists(conn, staging):
+        if req.src and res.marker_before and res.marker_before["sha256"] == res.sha256:
+            res.log.append(f'"{req.db}" already holds this dump: nothing to switch')
+            return
+        raise PgOpsError(f'nothing is staged for "{req.db}" ("{staging}" does not exist): run phase=stage first')
+    staged = read_marker(params, staging)
+    if staged is None or (req.src and staged["sha256"] != res.sha256):
+        raise PgOpsError(f'"{staging}" does not hold a verified copy of {req.src or "a dump"}: run phase=stage again')
+    prev = previous_name(req.db, utc_stamp())
+    res.plan = [f'block and clear "{req.db}"', f'rename "{req.db}" to "{prev}"'] if live_exists else []
+    res.plan.append(f'rename "{staging}" to "{req.db}"')
+    res.changed = True
+    res.diff = {"before": {"marker": res.marker_before}, "after": {"marker": staged}}
+    if check_mode:
+        return
+    if live_exists:
+        _switch_swap(conn, info, params, req, res, clock, staging, prev)
+    else:
+        _rename(conn, staging, req.db)
+    res.marker_after = read_marker(params, req.db)
     with clock.phase("cleanup"):
         _drop_old_copies(conn, info, params, req, res)
 

@@ -66,6 +66,15 @@ options:
       - Swap the newest C(<db>_prev_*) copy back in place of O(db). Fails when there is none.
     type: bool
     default: false
+  phase:
+    description:
+      - V(all) does the whole restore.
+      - V(stage) restores and verifies the staging copy and stops there; V(switch) puts a staged copy in place
+        (a no-op when O(db) already holds O(src)); V(abort) drops a staged copy. Used to restore a set of databases
+        (shards) so that none is switched unless every one staged and verified. Only with O(strategy=swap).
+    type: str
+    choices: [ all, stage, switch, abort ]
+    default: all
   keep_previous:
     description:
       - How many C(<db>_prev_*) copies to keep after a successful swap; older ones are dropped. V(0) keeps none
@@ -222,6 +231,26 @@ staging_db:
   returned: unless rollback
   type: str
   sample: hoge_db_pgops_staging
+phase:
+  description: The phase that ran.
+  returned: always
+  type: str
+  sample: all
+staged:
+  description: Whether a verified staging copy now waits for O(phase=switch).
+  returned: always
+  type: bool
+  sample: false
+live_size_bytes:
+  description: Size of the live database before the restore (0 when unknown), for disk-space checks.
+  returned: always
+  type: int
+  sample: 734003200
+data_directory:
+  description: The server's data directory, when the login role may read it (superuser, pg_read_all_settings).
+  returned: always
+  type: str
+  sample: /var/lib/postgresql/15/main
 previous_db:
   description: The copy the live database was renamed to (swap), or the copy swapped back (rollback).
   returned: always
@@ -316,6 +345,7 @@ def main() -> None:
         src=dict(type="path"),
         strategy=dict(type="str", default="swap", choices=["swap", "replace"]),
         rollback=dict(type="bool", default=False),
+        phase=dict(type="str", default="all", choices=["all", "stage", "switch", "abort"]),
         keep_previous=dict(type="int", default=1),
         force=dict(type="bool", default=False),
         owner=dict(type="str"),
@@ -335,11 +365,7 @@ def main() -> None:
         block_roles=dict(type="list", elements="str", default=[]),
         wait_timeout=dict(type="float", default=30),
     )
-    module = AnsibleModule(
-        argument_spec=argument_spec,
-        supports_check_mode=True,
-        required_if=[("rollback", False, ("src",))],
-    )
+    module = AnsibleModule(argument_spec=argument_spec, supports_check_mode=True)
     if PSYCOPG_IMPORT_ERROR:
         module.fail_json(msg=missing_required_lib("psycopg"), exception=PSYCOPG_IMPORT_ERROR)
     p = module.params
@@ -367,6 +393,7 @@ def main() -> None:
             wait_timeout=p["wait_timeout"],
             fallback=p["fallback"],
             restart=restart_spec_from_params(p),
+            phase=p["phase"],
         )
         result = restore_database(ConnParams.from_params(p), req, check_mode=module.check_mode)
     except PgOpsError as exc:

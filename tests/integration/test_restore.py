@@ -202,6 +202,38 @@ def test_settings_carry_over(pg: PgServer, dumps, live_db: str):
         pg.sql("DROP ROLE pgops_reader")
 
 
+def test_staged_set_switches_only_when_all_staged(pg: PgServer, dumps, live_db: str, tmp_path: Path):
+    """Shards: stage every database, switch only if all verified; otherwise abort all, switch none."""
+    second = live_db + " shard2"
+    pg.sql(sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(sql.Identifier(second), sql.Identifier(live_db)))
+    broken = tmp_path / "broken.dump"
+    broken.write_bytes(dumps["chinook"]["custom"].read_bytes()[:20000])
+    try:
+        assert restore(pg, live_db, dumps["chinook"]["custom"], phase="stage").staged
+        with pytest.raises(PgOpsError):
+            restore(pg, second, broken, phase="stage")
+        for db in (live_db, second):
+            restore(pg, db, phase="abort")
+        assert invoice_lines(pg, live_db) == 0 and invoice_lines(pg, second) == 0
+        assert not [d for d in databases(pg) if d.endswith("_pgops_staging")]
+
+        for db in (live_db, second):
+            assert restore(pg, db, dumps["chinook"]["tar"], phase="stage").staged
+        assert invoice_lines(pg, live_db) == 0, "stage must not switch"
+        for db in (live_db, second):
+            res = restore(pg, db, dumps["chinook"]["tar"], phase="switch")
+            assert res.changed and res.previous_db
+        assert invoice_lines(pg, live_db) == 2240 and invoice_lines(pg, second) == 2240
+        again = restore(pg, second, dumps["chinook"]["tar"], phase="switch")
+        assert not again.changed
+        with pytest.raises(PgOpsError, match="nothing is staged"):
+            restore(pg, second, dumps["chinook"]["custom"], phase="switch")
+    finally:
+        for n in list(databases(pg)):
+            if n.startswith(second[:20]) and n != live_db:
+                drop_database(pg, n)
+
+
 def test_check_mode_changes_nothing(pg: PgServer, dumps, live_db: str):
     before, dbs = fingerprint_db(pg, live_db), databases(pg)
     res = restore_database(pg.params(), RestoreRequest(db=live_db, src=str(dumps["chinook"]["tar"]),

@@ -68,7 +68,7 @@ def test_refuses_what_is_not_a_dump(tmp_path: Path, data: bytes, msg: str):
 def test_missing_and_empty_directory(tmp_path: Path):
     with pytest.raises(PgOpsError, match="does not exist"):
         detect_format(str(tmp_path / "nope"))
-    with pytest.raises(PgOpsError, match="without toc.dat"):
+    with pytest.raises(PgOpsError, match=r"without toc\.dat"):
         detect_format(str(tmp_path))
 
 
