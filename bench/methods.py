@@ -1,0 +1,173 @@
+"""The operations bench/run.py times: drops under a storm and restores, by the collection and by its peers.
+
+Every function raises on failure (psycopg.Error, PgOpsError, Failed) so the caller records a
+failure instead of a time; none of them retries what a user's script would not retry.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from psycopg import sql
+
+from ansible_collections.pgops.dbrestore.plugins.module_utils.restore import RestoreRequest, restore_database
+from ansible_collections.pgops.dbrestore.plugins.module_utils.sessions import ClearRequest, clear_sessions
+from tests.harness.ansible_run import ansible_env, run_module
+from tests.harness.pg import PgServer, client_bindir
+
+JOBS = os.cpu_count() or 1
+
+
+class Failed(Exception):
+    """A step a user would see fail (non-zero exit, failed Ansible task)."""
+
+
+def _drop(db: str, force: bool = False) -> sql.Composable:
+    return sql.SQL("DROP DATABASE {}{}").format(sql.Identifier(db), sql.SQL(" WITH (FORCE)" if force else ""))
+
+
+def _tool(pg: PgServer, name: str, *args: str, ok_errors: tuple[str, ...] = ()) -> None:
+    """Run a PG 18 client tool; ok_errors are error lines a caller accepts (pg_restore continues past them)."""
+    proc = subprocess.run([str(client_bindir() / name), *args], env=pg.client_env(), capture_output=True, text=True)
+    if proc.returncode == 0:
+        return
+    errors = [ln for ln in proc.stderr.splitlines() if "error:" in ln and "errors ignored on restore" not in ln]
+    if ok_errors and errors and all(any(e in ln for e in ok_errors) for ln in errors):
+        return
+    raise Failed(f"{name}: {(errors or proc.stderr.strip().splitlines() or ['exit ' + str(proc.returncode)])[-1]}")
+
+
+def pg_restore(pg: PgServer, db: str, dump: Path, jobs: int) -> None:
+    """pg_restore as people run it (no --exit-on-error). pg_restore 18 sends SET transaction_timeout,
+    which servers before 17 reject and skip: that one error is not counted as a failure."""
+    old = ("transaction_timeout",) if pg.major < 17 else ()
+    _tool(pg, "pg_restore", f"--jobs={jobs}", "--no-password", "-d", db, str(dump), ok_errors=old)
+
+
+# --- scenario 1: dropping a database that reconnecting clients keep using ------------------------
+
+
+def drop_naive(pg: PgServer, db: str) -> None:
+    pg.sql(_drop(db))
+
+
+def drop_terminate_then_drop(pg: PgServer, db: str) -> None:
+    # the classic recipe, both statements on one connection (the most favourable way to run it)
+    with pg.connect() as conn:
+        conn.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()",
+            (db,),
+        )
+        conn.execute(_drop(db))
+
+
+def drop_clear_sessions(pg: PgServer, db: str) -> None:
+    clear_sessions(pg.params(), ClearRequest(db=db, state="blocked", block="allow_connections"))
+    pg.sql(_drop(db))
+
+
+def drop_with_force(pg: PgServer, db: str) -> None:
+    pg.sql(_drop(db, force=True))
+
+
+DROP_METHODS = {
+    "naive DROP": drop_naive,
+    "terminate then DROP": drop_terminate_then_drop,
+    "clear_sessions (block) + DROP": drop_clear_sessions,
+    "DROP … WITH (FORCE)": drop_with_force,
+}
+
+
+def drop_reliably(pg: PgServer, db: str) -> None:
+    """Clean-up between trials, never timed."""
+    if pg.sql("SELECT 1 FROM pg_database WHERE datname = %s", (db,)):
+        drop_clear_sessions(pg, db)
+
+
+# --- scenario 2/3/4: restoring a database ------------------------------------------------------
+
+
+def restore_swap(pg: PgServer, db: str, dump: Path, force: bool = True) -> dict:
+    """pg_restore_db strategy=swap; force=True restores again even when the marker matches."""
+    req = RestoreRequest(db=db, src=str(dump), strategy="swap", force=force, bindir=str(client_bindir()))
+    return restore_database(pg.params(), req).as_dict()
+
+
+def restore_replace(pg: PgServer, db: str, dump: Path) -> dict:
+    req = RestoreRequest(db=db, src=str(dump), strategy="replace", force=True, bindir=str(client_bindir()))
+    return restore_database(pg.params(), req).as_dict()
+
+
+def restore_raw(pg: PgServer, db: str, dump: Path) -> dict:
+    """terminate, then dropdb && createdb && pg_restore -jN, as a shell script does it."""
+    query = f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{db}' AND pid <> pg_backend_pid()"
+    _tool(pg, "psql", "-X", "-q", "-d", "postgres", "-c", query)
+    _tool(pg, "dropdb", db)
+    _tool(pg, "createdb", db)
+    pg_restore(pg, db, dump, JOBS)
+    return {}
+
+
+COMMUNITY_PLAY = """
+- name: Restore a database the way community.postgresql users do
+  hosts: localhost
+  gather_facts: false
+  module_defaults:
+    community.postgresql.postgresql_db: "{{ login }}"
+  tasks:
+    - name: Drop it
+      community.postgresql.postgresql_db: {name: "{{ db }}", state: absent, force: true}
+    - name: Create it
+      community.postgresql.postgresql_db: {name: "{{ db }}", state: present}
+    - name: Restore the dump
+      community.postgresql.postgresql_db: {name: "{{ db }}", state: restore, target: "{{ dump }}"}
+"""
+
+
+def restore_community(pg: PgServer, db: str, dump: Path) -> dict:
+    """community.postgresql.postgresql_db absent (force) / present / restore in one ansible-playbook run.
+
+    The module picks pg_restore by the file extension (.pgc = custom) and finds it on PATH. Against
+    servers before 17 it gets the plain .sql dump instead: its psql run goes past the one
+    statement (SET transaction_timeout) those servers reject, while pg_restore would exit 1.
+    """
+    dump = dump if pg.major >= 17 else dump.with_suffix(".sql")
+    login = dict(login_host="127.0.0.1", login_port=pg.port, login_user="postgres", login_password=_password(pg))
+    with tempfile.TemporaryDirectory() as tmp:
+        book, extra = Path(tmp) / "play.yml", Path(tmp) / "vars.json"
+        book.write_text(COMMUNITY_PLAY)
+        extra.write_text(json.dumps({"login": login, "db": db, "dump": str(dump)}))
+        env = ansible_env()
+        env["PATH"] = f"{client_bindir()}:{env['PATH']}"
+        argv = [str(Path(sys.executable).parent / "ansible-playbook"), "-i", "localhost,", "-c", "local",
+                "-e", f"ansible_python_interpreter={sys.executable}", "-e", f"@{extra}", str(book)]  # fmt: skip
+        proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=1800)
+    if proc.returncode != 0:
+        fatal = [ln for ln in proc.stdout.splitlines() if "fatal:" in ln or '"msg"' in ln or "msg:" in ln]
+        raise Failed(f"ansible-playbook exit {proc.returncode}: {' '.join(fatal)[:300]}")
+    return {}
+
+
+def _password(pg: PgServer) -> str:
+    return pg.client_env()["PGPASSWORD"]
+
+
+RESTORE_METHODS = {
+    "pg_restore_db swap": restore_swap,
+    "pg_restore_db replace": restore_replace,
+    "community.postgresql postgresql_db": restore_community,
+    "terminate + dropdb/createdb/pg_restore": restore_raw,
+}
+
+
+def restore_via_ansible(pg: PgServer, db: str, dump: Path) -> dict:
+    """pg_restore_db through ansible-playbook, for the Ansible overhead of an idempotent rerun."""
+    result = run_module("pgops.dbrestore.pg_restore_db", {**pg.module_args(), "db": db, "src": str(dump)})
+    if result.get("failed"):
+        raise Failed(f"pg_restore_db: {result.get('msg')}")
+    return result

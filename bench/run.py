@@ -1,0 +1,260 @@
+"""Measure pgops.dbrestore against the raw tools and community.postgresql on a real PostgreSQL.
+
+    python bench/run.py [--pg N] [--quick] [--out DIR]
+
+Starts a throw-away server (embedded PostgreSQL 18 by default, any major 10-18 with --pg),
+builds pgbench databases, runs the four scenarios of bench/README.md, prints Markdown tables
+with the targets' verdicts and writes results.json, results.md and scaling.png to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / ".cache" / "collections")]
+
+import psycopg  # noqa: E402
+from methods import (  # noqa: E402
+    DROP_METHODS,
+    JOBS,
+    RESTORE_METHODS,
+    Failed,
+    drop_reliably,
+    pg_restore,
+    restore_swap,
+    restore_via_ansible,
+)
+from psycopg import sql  # noqa: E402
+from report import markdown, plot  # noqa: E402
+
+from ansible_collections.pgops.dbrestore.plugins.module_utils.postgres import PgOpsError  # noqa: E402
+from tests.harness.pg import PgServer, client_bindir, start_server  # noqa: E402
+from tests.harness.storm import Storm  # noqa: E402
+
+# Fails unless the data are there: the app's view of "the database is up".
+PROBE = "SELECT 1 / count(*) FROM pgbench_accounts WHERE aid = 1"
+DROP_DB = "bench_drop"
+
+
+@dataclass(frozen=True)
+class Plan:
+    scales: tuple[int, ...]
+    drop_clients: tuple[int, ...] = (20, 60)
+    drop_trials: int = 20
+    outage_trials: int = 3
+    wall_trials: int = 3
+    rerun_trials: int = 3
+    probes: int = 4
+
+
+FULL = Plan(scales=(1, 10, 50))
+QUICK = Plan(scales=(1,), drop_trials=2, outage_trials=1, wall_trials=1, rerun_trials=1)
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def timed(fn: Callable[..., dict | None], *args: object) -> dict:
+    """Run one operation: its seconds, or the failure a user would see (never both)."""
+    t = time.monotonic()
+    try:
+        out = fn(*args) or {}
+    except (psycopg.Error, PgOpsError, Failed) as exc:
+        return {"ok": False, "s": time.monotonic() - t, "error": " ".join(str(exc).split())}
+    keep = {k: out[k] for k in ("changed", "switch_window_ms", "phases_ms") if k in out}
+    return {"ok": True, "s": time.monotonic() - t, **keep}
+
+
+def conninfo(pg: PgServer, db: str) -> dict:
+    env = pg.client_env()
+    return dict(host="127.0.0.1", port=pg.port, dbname=db, user=env["PGUSER"], password=env["PGPASSWORD"])
+
+
+def wait_until(cond: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"bench setup: timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+# --- scenario 1 ----------------------------------------------------------------------------------
+
+
+def bench_drops(pg: PgServer, plan: Plan) -> list[dict]:
+    rows: list[dict] = []
+    create = sql.SQL("CREATE DATABASE {}").format(sql.Identifier(DROP_DB))
+    sessions = "SELECT count(*) FROM pg_stat_activity WHERE datname = %s"
+    for clients in plan.drop_clients:
+        # one storm per client count: it keeps knocking while the database is gone between trials
+        with Storm(conninfo(pg, DROP_DB), clients=clients, interval=0.01, name="app"):
+            for method, fn in DROP_METHODS.items():
+                if "FORCE" in method and pg.major < 13:
+                    rows.append({"clients": clients, "method": method, "ok": False, "skipped": "needs PostgreSQL 13+"})
+                    continue
+                for trial in range(plan.drop_trials):
+                    pg.sql(create)
+                    wait_until(lambda: pg.sql(sessions, (DROP_DB,))[0][0] >= clients, 60, f"{clients} sessions")  # noqa: B023
+                    r = timed(fn, pg, DROP_DB)
+                    drop_reliably(pg, DROP_DB)
+                    rows.append({"clients": clients, "method": method, "trial": trial, **r})
+                ok = sum(r["ok"] for r in rows[-plan.drop_trials :])
+                log(f"drop, {clients} clients, {method}: {ok}/{plan.drop_trials} succeeded")
+    return rows
+
+
+# --- scenarios 2-4 -------------------------------------------------------------------------------
+
+
+def data_ok(pg: PgServer, db: str) -> bool:
+    try:
+        pg.sql(PROBE, dbname=db)
+        return True
+    except psycopg.Error:
+        return False
+
+
+def ensure_loaded(pg: PgServer, db: str, dump: Path) -> None:
+    """Put the dump back (untimed) when a failed trial left the database missing or empty."""
+    if not data_ok(pg, db):
+        drop_reliably(pg, db)
+        pg.sql(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(db)))
+        pg_restore(pg, db, dump, JOBS)
+
+
+def outage_trial(pg: PgServer, db: str, dump: Path, fn: Callable[..., dict], probes: int) -> dict:
+    ensure_loaded(pg, db, dump)
+    with Storm(conninfo(pg, db), clients=probes, interval=0.01, query=PROBE, name="probe") as storm:
+        wait_until(lambda: all(s.queries for s in storm.stats), 30, "probes")
+        time.sleep(0.2)
+        r = timed(fn, pg, db, dump)
+        end = time.monotonic()
+        # a gap still open when the operation returns counts too: wait for every probe to get through
+        try:
+            wait_until(lambda: all(s.last_ok > end for s in storm.stats), 60 if r["ok"] else 10, "probes back")
+        except RuntimeError:
+            if r["ok"]:
+                r.update(ok=False, error="the app could not query the restored database within 60 s")
+        now = time.monotonic()
+        r["outage_s"] = max(max(s.longest_gap, now - s.last_ok if s.last_ok <= end else 0) for s in storm.stats)
+    return r
+
+
+def bench_size(pg: PgServer, plan: Plan, scale: int, work: Path) -> dict:
+    db = f"bench_s{scale}"
+    env = pg.client_env()
+    log(f"pgbench -i -s {scale} into {db}")
+    pg.sql(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(db)))
+    subprocess.run([str(client_bindir() / "pgbench"), "-i", "-q", "-s", str(scale), db], env=env, check=True,
+                   capture_output=True)  # fmt: skip
+    mb = pg.sql("SELECT pg_database_size(%s) / 1048576", (db,))[0][0]
+    dump = work / f"{db}.pgc"  # the extension tells postgresql_db it is a custom-format archive
+    subprocess.run([str(client_bindir() / "pg_dump"), "-Fc", "-f", str(dump), db], env=env, check=True)
+    if pg.major < 17:
+        subprocess.run([str(client_bindir() / "pg_dump"), "-f", str(dump.with_suffix(".sql")), db], env=env,
+                       check=True)  # fmt: skip
+    size: dict = {"scale": scale, "mb": int(mb), "dump_mb": round(dump.stat().st_size / 2**20, 1)}
+
+    walls = []
+    for _ in range(plan.wall_trials):
+        for jobs in dict.fromkeys((1, JOBS)):
+            fresh = f"{db}_fresh"
+            drop_reliably(pg, fresh)
+            pg.sql(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(fresh)))
+            walls.append({"method": f"pg_restore -j{jobs}", **timed(pg_restore, pg, fresh, dump, jobs)})
+            drop_reliably(pg, fresh)
+        ensure_loaded(pg, db, dump)
+        walls.append({"method": "pg_restore_db swap", **timed(restore_swap, pg, db, dump)})
+    size["walls"] = walls
+    log(f"s={scale}: wall times done")
+
+    # the last swap left the dump's marker in db: from here on a run without force has nothing to do
+    size["reruns"] = [timed(restore_swap, pg, db, dump, False) for _ in range(plan.rerun_trials)]
+    size["ansible_rerun"] = timed(restore_via_ansible, pg, db, dump)
+    log(f"s={scale}: idempotent reruns done")
+
+    rows = []
+    for trial in range(plan.outage_trials):
+        for method, fn in RESTORE_METHODS.items():
+            r = outage_trial(pg, db, dump, fn, plan.probes)
+            rows.append({"method": method, "trial": trial, **r})
+            state = f"outage {r['outage_s']:.2f} s" if r["ok"] else f"FAILED ({r['error'][:80]})"
+            log(f"s={scale} trial {trial}: {method}: {r['s']:.1f} s, {state}")
+    size["outage"] = rows
+    for (name,) in pg.sql("SELECT datname FROM pg_database WHERE datname LIKE %s", (f"{db}%",)):
+        drop_reliably(pg, name)  # frees the disk for the next size (previous copies included)
+    return size
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--pg", type=int, default=18, choices=range(10, 19), metavar="N", help="PostgreSQL major 10-18")
+    ap.add_argument("--quick", action="store_true", help="smoke run: pgbench -s 1, few trials (< 3 minutes)")
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "out", help="output directory (default bench/out)")
+    args = ap.parse_args()
+    plan = QUICK if args.quick else FULL
+    args.out.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    notes = [
+        f"restores use {JOBS} jobs (CPU count) where the tool allows it; community.postgresql's postgresql_db "
+        "runs pg_restore without -j and its wall time includes ansible-playbook",
+    ]
+    if args.pg < 17:
+        notes.append(
+            f"PostgreSQL {args.pg} < 17: pg_restore 18 output is piped to psql without SET transaction_timeout "
+            "(pg_restore_db, one job, no -j); raw pg_restore skips that statement with an error; "
+            "postgresql_db restores a plain .sql dump of the same data"
+        )
+    if args.pg < 13:
+        notes.append("DROP DATABASE … WITH (FORCE) needs PostgreSQL 13+: not measured")
+    log(f"starting PostgreSQL {args.pg}")
+    pg = start_server(args.pg)
+    try:
+        work = pg.base / "bench"
+        work.mkdir()
+        res: dict = {"meta": {}, "plan": asdict(plan)}
+        res["drops"] = bench_drops(pg, plan)
+        res["sizes"] = [bench_size(pg, plan, scale, work) for scale in plan.scales]
+        version = pg.sql("SHOW server_version")[0][0]
+    finally:
+        pg.destroy()
+    client = subprocess.run([str(client_bindir() / "pg_restore"), "--version"], capture_output=True, text=True)
+    res["meta"] = {
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "server_version": version,
+        "client_version": client.stdout.split()[-1],
+        "pg_major": args.pg,
+        "cpus": os.cpu_count(),
+        "mem_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30),
+        "python": f"Python {platform.python_version()}",
+        "jobs": JOBS,
+        "quick": args.quick,
+        "runtime_s": time.monotonic() - started,
+        "drop_trials": plan.drop_trials,
+        "outage_trials": plan.outage_trials,
+        "wall_trials": plan.wall_trials,
+        "probes": plan.probes,
+        "notes": notes,
+    }
+    text = markdown(res)
+    (args.out / "results.json").write_text(json.dumps(res, indent=1))
+    (args.out / "results.md").write_text(text)
+    plot(res, args.out / "scaling.png")
+    print(text)
+    log(f"wrote {args.out}/results.json, results.md, scaling.png in {res['meta']['runtime_s']:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
