@@ -354,7 +354,7 @@ def apply_settings(conn: Any, db: str, s: DatabaseSettings, owner: str | None) -
     if s.comment is not None:
         stmts.append(sql.SQL("COMMENT ON DATABASE {} IS {}").format(target, sql.Literal(s.comment)))
     for role, item in s.role_settings:
-        name, _, value = item.partition("=")
+        name, _sep, value = item.partition("=")
         guc = sql.Identifier(*name.split("."))
         values = sql.SQL(", ").join(sql.Literal(v) for v in _setting_values(name, value))
         if role is None:
@@ -509,7 +509,7 @@ def check_readable(dump: DumpInfo, bindir: str | None, full: bool) -> list[str]:
     flt = PlainFilter()
     with open_plain(dump.path, dump.format) as stream:
         gen = flt.lines(stream)
-        for _ in gen if full else _first(gen, 2000):
+        for _line in gen if full else _first(gen, 2000):
             pass
     return flt.dropped
 

@@ -365,7 +365,13 @@ def restart_server(spec: RestartSpec) -> list[str]:
     with tempfile.TemporaryFile("w+") as out:
         try:
             proc = subprocess.run(
-                argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, cwd="/", timeout=spec.timeout + 30
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd="/",
+                timeout=spec.timeout + 30,
+                check=False,
             )
         except (OSError, subprocess.TimeoutExpired) as exc:
             raise PgOpsError(f"restart command {argv} failed: {exc}") from exc

@@ -23,7 +23,7 @@ description:
   - O(rollback=true) swaps the newest previous copy back in the same safe way; the replaced database is kept as
     C(<db>_undone_<UTC time>).
   - The restored database carries a marker (the sha256 of the dump) in the table C(pgops_dbrestore.restore_marker).
-    The same dump again does nothing (RV(changed=false)) unless O(force=true).
+    The same dump again does nothing (C(changed=false)) unless O(force=true).
   - Database-level settings of the live database (owner, GRANTs on the database, connection limit, comment and
     C(ALTER DATABASE/ROLE ... SET) values) carry over to the restored copy.
   - A PostgreSQL advisory lock per target database stops a second run at once (or queues it with O(lock_timeout)).
@@ -31,16 +31,18 @@ description:
   - Plain dumps that create or enter their own database (C(pg_dump --create), or files with C(CREATE DATABASE) and
     C(\connect) lines) are restored without those statements, which are listed in RV(stripped_statements).
 author:
-  - pgops.dbrestore contributors
+  - pgops.dbrestore maintainers (@pgops)
 extends_documentation_fragment:
   - pgops.dbrestore.postgres
   - pgops.dbrestore.restart
 attributes:
   check_mode:
+    description: Can run in check_mode and return changed status prediction without modifying target.
     support: full
     details: Reads the dump (format, C(pg_restore -l)), reports the plan (databases to create, rename and drop) and
       whether the marker already matches; changes nothing.
   diff_mode:
+    description: Will return details on what has changed (or possibly needs changing in check_mode), when in diff mode.
     support: full
     details: Shows the marker of the live database before and after (dump sha256, format, file name, time).
 options:

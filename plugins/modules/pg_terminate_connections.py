@@ -20,15 +20,17 @@ description:
     fails and names the missing privilege.
   - If anything fails, whatever this call blocked is re-allowed, so a failed call never leaves the database closed.
 author:
-  - pgops.dbrestore contributors
+  - pgops.dbrestore maintainers (@pgops)
 extends_documentation_fragment:
   - pgops.dbrestore.postgres
   - pgops.dbrestore.restart
 attributes:
   check_mode:
+    description: Can run in check_mode and return changed status prediction without modifying target.
     support: full
     details: Lists the sessions that would be ended and whether a block would change; changes nothing.
   diff_mode:
+    description: Will return details on what has changed (or possibly needs changing in check_mode), when in diff mode.
     support: full
     details: Shows the block state and the number of matching sessions before and after.
 options:

@@ -61,7 +61,7 @@ def run_module(module: str, args: dict, *, check: bool = False, diff: bool = Fal
         ]  # fmt: skip
         argv += ["--check"] if check else []
         argv += ["--diff"] if diff else []
-        proc = subprocess.run(argv, env=ansible_env(), capture_output=True, text=True, timeout=600)
+        proc = subprocess.run(argv, env=ansible_env(), capture_output=True, text=True, timeout=600, check=False)
         if not result_file.exists():
             raise RuntimeError(f"ansible-playbook failed before the module ran:\n{proc.stdout}\n{proc.stderr}")
         result = json.loads(result_file.read_text())

@@ -41,11 +41,10 @@ def backups(tmp_path: Path, dumps) -> Path:
 
 @pytest.fixture
 def inventory(tmp_path: Path, pg: PgServer, backups: Path) -> Path:
-    conn = {k: v for k, v in pg.module_args().items()}
     host = {
         "ansible_connection": "local",
         "ansible_python_interpreter": sys.executable,
-        "restore_connection": conn,
+        "restore_connection": pg.module_args(),
         "restore_backup_dir": str(backups),
         "restore_bindir": str(client_bindir()),
     }
@@ -66,7 +65,7 @@ def hoge_db(pg: PgServer, dumps):
 
 def playbook(inventory: Path, book: str, *args: str) -> subprocess.CompletedProcess:
     argv = [str(Path(sys.executable).parent / "ansible-playbook"), "-i", str(inventory), str(ROOT / "playbooks" / book)]
-    return subprocess.run([*argv, *args], env=ansible_env(), capture_output=True, text=True, timeout=900)
+    return subprocess.run([*argv, *args], env=ansible_env(), capture_output=True, text=True, timeout=900, check=False)
 
 
 def recap_changed(proc: subprocess.CompletedProcess) -> int:
