@@ -11,7 +11,7 @@ export ANSIBLE_CONFIG := $(CURDIR)/ansible.cfg
 PGOPS_TEST_MAJORS ?= 10 11 12 13 14 15 16 17 18
 export PGOPS_TEST_MAJORS
 
-.PHONY: venv collections demo test lint pytest changelog clean
+.PHONY: venv collections demo test lint pytest sanity molecule changelog clean
 
 $(VENV)/.installed: requirements.txt
 	python3 -m venv $(VENV)
@@ -38,7 +38,15 @@ lint: collections
 pytest: collections
 	$(BIN)/pytest -q tests
 
-test: lint pytest
+# ansible-test sanity and units on a copy at ansible_collections/pgops/dbrestore
+sanity: venv
+	bash tests/sanity/run.sh
+
+# molecule scenarios in podman systemd containers (root)
+molecule: collections
+	bash extensions/molecule/run.sh
+
+test: lint pytest sanity molecule
 
 # Regenerate CHANGELOG.md from changelogs/fragments for the version in galaxy.yml.
 changelog: collections

@@ -22,3 +22,4 @@ mkdir -p "$DEST"
 (cd "$ROOT" && git ls-files -co --exclude-standard | tar -cf - -T -) | tar -xf - -C "$DEST"
 cd "$DEST"
 "$BIN/ansible-test" sanity --venv --python 3.11 --requirements "$@"
+"$BIN/ansible-test" units --venv --python 3.11 --requirements
