@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -80,3 +81,19 @@ def _is_dead(conn) -> bool:
     except Exception:  # noqa: BLE001 - any error means the session was ended
         return True
     return False
+
+
+def test_execution_environment_definition_builds_a_context(tmp_path: Path):
+    """ansible-builder accepts execution-environment.yml with the built artifact (the image build needs a registry)."""
+    version = yaml.safe_load((ROOT / "galaxy.yml").read_text())["version"]
+    ee = yaml.safe_load((ROOT / "execution-environment.yml").read_text())
+    assert ee["dependencies"]["galaxy"]["collections"][0]["name"] == f"pgops-dbrestore-{version}.tar.gz"
+    shutil.copy(ROOT / "execution-environment.yml", tmp_path)
+    subprocess.run([str(BIN / "ansible-galaxy"), "collection", "build", str(ROOT), "--output-path", str(tmp_path)],
+                   check=True, capture_output=True)  # fmt: skip
+    subprocess.run([str(BIN / "ansible-builder"), "create", "-f", "execution-environment.yml"], cwd=tmp_path,
+                   check=True, capture_output=True)  # fmt: skip
+    build = tmp_path / "context" / "_build"
+    assert (build / "collections" / f"pgops-dbrestore-{version}.tar.gz").exists()
+    assert "psycopg" in (build / "requirements.txt").read_text()
+    assert "postgresql" in (build / "bindep.txt").read_text()
