@@ -203,7 +203,43 @@ class _Phase:
         self.res.phases_ms[self.name] = self.res.phases_ms.get(self.name, 0) + ms
 
 
-# --- locking ---------------------------------------------------------------------------------
+# --- the maintenance connection and its lock ---------------------------------------------------
+
+
+class _Maintenance:
+    """The maintenance connection holding the advisory lock.
+
+    The restart fallback ends it with every other session: invalidate() makes the next use open
+    a new one and take the lock again.
+    """
+
+    def __init__(self, params: ConnParams, db: str) -> None:
+        self.params, self.db = params, db
+        self.conn = connect(params)
+        self.locked = False
+        self.stale = False
+
+    def lock(self, timeout: float) -> None:
+        acquire_lock(self.conn, self.db, timeout)
+        self.locked = True
+
+    def invalidate(self) -> None:
+        self.stale = True
+
+    def _current(self) -> Any:
+        if self.stale or self.conn.closed or self.conn.broken:
+            self.conn.close()
+            self.conn = connect(self.params)
+            self.stale = False
+            if self.locked:
+                acquire_lock(self.conn, self.db, 30)
+        return self.conn
+
+    def __getattr__(self, name: str) -> Any:  # execute, transaction, adapters, ...
+        return getattr(self._current(), name)
+
+    def close(self) -> None:
+        self.conn.close()
 
 
 def acquire_lock(conn: Any, db: str, timeout: float) -> None:
@@ -570,13 +606,13 @@ def verify(params: ConnParams, dbname: str, req: RestoreRequest) -> None:
 def restore_database(params: ConnParams, req: RestoreRequest, *, check_mode: bool = False) -> RestoreResult:
     res = RestoreResult(db=req.db, strategy="rollback" if req.rollback else req.strategy, phase=req.phase)
     clock = _Clock(res)
-    conn = connect(params)
+    conn = _Maintenance(params, req.db)
     try:
         info = server_info(conn)
         res.server_version = info.version
         if not check_mode:
             with clock.phase("lock"):
-                acquire_lock(conn, req.db, req.lock_timeout)
+                conn.lock(req.lock_timeout)
         if req.rollback:
             _rollback(conn, info, params, req, res, clock, check_mode)
         elif req.phase == "abort":
@@ -784,7 +820,7 @@ def _switch_swap(
 
     with clock.phase("switch"):
         cleared = clear_sessions(params, _clear_request(req, req.db, block), on_cleared=switch)
-    _record_switch(res, cleared)
+    _record_switch(res, cleared, conn)
     res.previous_db = prev
     res.rollback = {"db": req.db, "rollback": True}
     res.rollback_sql = _swap_sql(conn, req.db, prev, undone_name(req.db, "<UTC time>"))
@@ -815,7 +851,9 @@ def _clear_request(req: RestoreRequest, db: str, block: str) -> ClearRequest:
                         wait_timeout=req.wait_timeout, fallback=req.fallback, restart=req.restart)  # fmt: skip
 
 
-def _record_switch(res: RestoreResult, cleared: ClearResult) -> None:
+def _record_switch(res: RestoreResult, cleared: ClearResult, conn: _Maintenance) -> None:
+    if cleared.restarted:
+        conn.invalidate()
     res.terminated += cleared.count
     res.terminated_sessions += cleared.terminated
     res.restarted = res.restarted or cleared.restarted
@@ -847,7 +885,7 @@ def _switch_replace(
     t = time.monotonic()
     with clock.phase("switch"):
         cleared = clear_sessions(params, _clear_request(req, req.db, block), on_cleared=drop)
-    _record_switch(res, cleared)
+    _record_switch(res, cleared, conn)
     res.log.append(f'dropped "{req.db}" (strategy=replace) after ending {cleared.count} session(s)')
     try:
         _stage(conn, info, params, req, res, clock, dump, live)
@@ -906,7 +944,7 @@ def _rollback(
     with clock.phase("switch"):
         if live_exists:
             cleared = clear_sessions(params, _clear_request(req, req.db, block), on_cleared=switch)
-            _record_switch(res, cleared)
+            _record_switch(res, cleared, conn)
         else:
             switch(conn)
         # previous copies were closed when they were switched out

@@ -22,6 +22,7 @@ from ansible_collections.pgops.dbrestore.plugins.module_utils.restore import (
     restore_database,
     staging_name,
 )
+from ansible_collections.pgops.dbrestore.plugins.module_utils.sessions import RestartSpec
 from tests.conftest import drop_database
 from tests.harness.dumps import FORMATS, make_dump
 from tests.harness.pg import PgServer, client_bindir
@@ -232,6 +233,30 @@ def test_staged_set_switches_only_when_all_staged(pg: PgServer, dumps, live_db: 
         for n in list(databases(pg)):
             if n.startswith(second[:20]) and n != live_db:
                 drop_database(pg, n)
+
+
+def test_swap_with_the_restart_fallback(pg: PgServer, dumps, live_db: str):
+    """A login role that may not end other roles' sessions: the server restart ends them, the swap completes."""
+    pg.sql("CREATE ROLE pgops_owner_nosignal LOGIN PASSWORD 'pw' CREATEDB")
+    pg.sql(sql.SQL("ALTER DATABASE {} OWNER TO pgops_owner_nosignal").format(sql.Identifier(live_db)))
+    spec = RestartSpec(pg_ctl=str(pg.bindir / "pg_ctl"), data_dir=str(pg.datadir), become_user=pg.os_user)
+    try:
+        with storm_for(pg, live_db, clients=5) as storm:
+            storm.wait_connected()
+            res = restore_database(
+                pg.params(login_user="pgops_owner_nosignal", login_password="pw"),
+                RestoreRequest(db=live_db, src=str(dumps["chinook"]["custom"]), bindir=str(client_bindir()),
+                               restore_args=("--no-owner", "--no-privileges"), fallback="restart", restart=spec),
+            )  # fmt: skip
+        assert res.restarted and res.terminated >= 5 and res.previous_db
+        assert invoice_lines(pg, live_db) == 2240
+        assert any("restarted PostgreSQL" in line for line in res.log)
+    finally:
+        pg.wait_ready()
+        for n in list(databases(pg)):
+            if n.startswith(live_db):
+                drop_database(pg, n)
+        pg.sql("DROP ROLE pgops_owner_nosignal")
 
 
 def test_check_mode_changes_nothing(pg: PgServer, dumps, live_db: str):
