@@ -16,7 +16,8 @@ sys.path.insert(0, str(ROOT / ".cache" / "collections"))
 
 from tests.harness.pg import ALL_MAJORS, PgServer, start_server  # noqa: E402
 
-DATASETS = ROOT.parent / "shared" / "datasets"
+# the restore suite is long: it runs on these majors (10 oldest, 18 newest, every other LTS-ish step)
+RESTORE_MAJORS = (10, 13, 15, 17, 18)
 
 
 def selected_majors() -> list[int]:
@@ -31,6 +32,8 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
             majors = sorted({min(majors), max(majors)})
         if metafunc.definition.get_closest_marker("newest_major"):
             majors = [max(majors)]
+        if metafunc.definition.get_closest_marker("restore_majors"):
+            majors = [m for m in majors if m in RESTORE_MAJORS] or [max(majors)]
         metafunc.parametrize("pg", majors, indirect=True, scope="session", ids=lambda m: f"pg{m}")
 
 

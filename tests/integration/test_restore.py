@@ -30,6 +30,7 @@ from tests.integration.conftest import PAGILA_MIN_MAJOR, fingerprint_db
 from tests.integration.test_terminate import storm_for
 
 ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.restore_majors
 
 
 def restore(pg: PgServer, db: str, src: Path | str | None = None, **kw):
