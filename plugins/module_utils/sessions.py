@@ -119,6 +119,12 @@ class RestartSpec:
     use_sudo: bool = False  # prefix "sudo -n" (root) when no become_user is set
     timeout: int = 120
 
+    def __post_init__(self) -> None:
+        if not (self.command or self.service or self.data_dir):
+            raise PgOpsError(
+                "fallback=restart needs restart_service, restart_data_dir (with pg_ctl) or restart_command"
+            )
+
     def argv(self) -> list[str]:
         if self.command:
             base = list(self.command)
@@ -127,22 +133,9 @@ class RestartSpec:
                 base = ["systemctl", "restart", self.service]
             else:
                 base = ["service", self.service, "restart"]
-        elif self.data_dir:
-            base = [
-                self.pg_ctl or "pg_ctl",
-                "restart",
-                "-D",
-                self.data_dir,
-                "-m",
-                "fast",
-                "-w",
-                "-t",
-                str(self.timeout),
-            ]
-        else:
-            raise PgOpsError(
-                "fallback=restart needs restart_service, restart_data_dir (with pg_ctl) or restart_command"
-            )
+        else:  # data_dir, checked in __post_init__
+            base = [self.pg_ctl or "pg_ctl", "restart", "-D", str(self.data_dir), "-m", "fast", "-w"]
+            base += ["-t", str(self.timeout)]
         if self.become_user:
             if os.geteuid() == 0:
                 return ["runuser", "-u", self.become_user, "--", *base]
