@@ -203,9 +203,13 @@ def main() -> None:
     ap.add_argument("--pg", type=int, default=18, choices=range(10, 19), metavar="N", help="PostgreSQL major 10-18")
     ap.add_argument("--quick", action="store_true", help="smoke run: pgbench -s 1, few trials (< 3 minutes)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "out", help="output directory (default bench/out)")
+    ap.add_argument("--from-json", type=Path, metavar="FILE", help="only redo tables and plot from a results.json")
     args = ap.parse_args()
-    plan = QUICK if args.quick else FULL
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.from_json:
+        write_outputs(json.loads(args.from_json.read_text()), args.out)
+        return
+    plan = QUICK if args.quick else FULL
     started = time.monotonic()
     notes = [
         f"restores use {JOBS} jobs (CPU count) where the tool allows it; community.postgresql's postgresql_db "
@@ -248,12 +252,16 @@ def main() -> None:
         "probes": plan.probes,
         "notes": notes,
     }
+    write_outputs(res, args.out)
+
+
+def write_outputs(res: dict, out: Path) -> None:
     text = markdown(res)
-    (args.out / "results.json").write_text(json.dumps(res, indent=1))
-    (args.out / "results.md").write_text(text)
-    plot(res, args.out / "scaling.png")
+    (out / "results.json").write_text(json.dumps(res, indent=1))
+    (out / "results.md").write_text(text)
+    plot(res, out / "scaling.png")
     print(text)
-    log(f"wrote {args.out}/results.json, results.md, scaling.png in {res['meta']['runtime_s']:.0f} s")
+    log(f"wrote {out}/results.json, results.md, scaling.png (run took {res['meta']['runtime_s']:.0f} s)")
 
 
 if __name__ == "__main__":
