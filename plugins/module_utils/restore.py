@@ -314,6 +314,10 @@ def write_marker(conn: Any, info: DumpInfo, sha256: str) -> None:
             schema, table, sql.Literal("pgops.dbrestore: the dump this database was restored from")
         )
     )
+    # Readable by every role, so that the database owner (not a superuser) can later restore
+    # a database a superuser restored before: the marker holds no secrets.
+    conn.execute(sql.SQL("GRANT USAGE ON SCHEMA {} TO PUBLIC").format(schema))
+    conn.execute(sql.SQL("GRANT SELECT ON {}.{} TO PUBLIC").format(schema, table))
     conn.execute(sql.SQL("DELETE FROM {}.{}").format(schema, table))
     conn.execute(
         sql.SQL("INSERT INTO {}.{} (sha256, format, size, src) VALUES (%s, %s, %s, %s)").format(schema, table),
