@@ -1,0 +1,332 @@
+"""The restore user story, end to end, checked after converge (playbooks/restore.yml -e db=hoge_db).
+
+db1 runs Debian's PostgreSQL as a systemd service; web1 runs a client loop that queries hoge_db
+over the network every 0.2 s and reconnects when its session is ended (log lines
+"<unix time> ok <invoice_line rows> <artist rows> <backend pid>" or "<unix time> fail <error>").
+prepare.yml deleted invoice lines and added an artist in the live hoge_db after the dump, so the
+dump's rows and the old rows can be told apart.
+
+The tests build on each other and run in file order: after the converge checks come --check,
+rollback, the web trigger, the restart fallback and the multi-database set.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+import testinfra
+
+DB_HOST = "pgops-restore-db1"
+WEB_HOST = "pgops-restore-web1"
+SCENARIO_DIR = Path(__file__).resolve().parent.parent
+REPO = SCENARIO_DIR.parents[2]
+DUMP = "/var/backups/postgresql/hoge_db.chinook.dump"
+TRIGGER = "/usr/local/sbin/pgops-restore"
+CLIENT_LOG = "/var/log/pgops-client-loop.log"
+TABLES = [
+    "album", "artist", "customer", "employee", "genre", "invoice",
+    "invoice_line", "media_type", "playlist", "playlist_track", "track",
+]  # fmt: skip
+# What prepare.yml did to the live copy after the dump.
+OLD_INVOICE_LINES = 2000
+EXTRA_ARTISTS = 1
+
+
+@pytest.fixture(scope="module")
+def web():
+    return testinfra.get_host(f"podman://{WEB_HOST}")
+
+
+def psql(host, db, query):
+    return host.check_output("runuser -u postgres -- psql -XAtq -v ON_ERROR_STOP=1 -d %s -c %s", db, query)
+
+
+def counts(host, db):
+    query = "SELECT json_build_object(" + ", ".join(f"'{t}', (SELECT count(*) FROM {t})" for t in TABLES) + ")"
+    return json.loads(psql(host, db, query))
+
+
+def databases(host):
+    return psql(host, "postgres", "SELECT datname FROM pg_database ORDER BY datname").splitlines()
+
+
+def snapshot(host):
+    """Everything a refused or check-mode run must leave as it was."""
+    query = "SELECT string_agg(id::text, ',' ORDER BY id) FROM t"
+    shards = {db: psql(host, db, query) for db in ("shard1", "shard2", "shard3")}
+    return databases(host), counts(host, "hoge_db"), shards
+
+
+def sudo_as(host, user, *argv):
+    """`sudo -n argv` as `user` with no controlling terminal, like a web server worker."""
+    words = ["runuser", "-u", user, "--", "setsid", "-w", "sudo", "-n", *argv]
+    return host.run(" ".join(["%s"] * len(words)), *words)
+
+
+def run_playbook(playbook, *extra):
+    """Run one of the collection's playbooks against the scenario's inventory."""
+    cmd = [
+        str(Path(sys.executable).with_name("ansible-playbook")),
+        "-i", str(SCENARIO_DIR / "inventory" / "hosts.yml"),
+        *extra,
+        str(REPO / "playbooks" / playbook),
+    ]  # fmt: skip
+    env = {
+        **os.environ,
+        "ANSIBLE_NOCOLOR": "1",
+        "ANSIBLE_FORCE_COLOR": "0",
+        "ANSIBLE_CALLBACK_RESULT_FORMAT": "yaml",
+        "ANSIBLE_COLLECTIONS_PATH": str(REPO / ".cache" / "collections"),
+    }
+    return subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, check=False)
+
+
+def client_log(web):
+    """The client loop's log as (time, status, rest) tuples."""
+    rows = []
+    for line in web.check_output("cat %s", CLIENT_LOG).splitlines():
+        stamp, status, rest = [*line.split(" ", 2), "", ""][:3]
+        rows.append((float(stamp), status, rest))
+    return rows
+
+
+def previous_copies(host, db="hoge_db"):
+    return [d for d in databases(host) if d.startswith(f"{db}_prev_")]
+
+
+@pytest.fixture(scope="module")
+def dump_counts(host):
+    """Row counts of the dump itself, restored into a scratch database."""
+    host.check_output("runuser -u postgres -- createdb pgops_scratch")
+    try:
+        host.check_output("runuser -u postgres -- pg_restore -d pgops_scratch %s", DUMP)
+        return counts(host, "pgops_scratch")
+    finally:
+        host.check_output("runuser -u postgres -- dropdb pgops_scratch")
+
+
+def old_counts(dump_counts):
+    return {
+        **dump_counts,
+        "invoice_line": OLD_INVOICE_LINES,
+        "artist": dump_counts["artist"] + EXTRA_ARTISTS,
+    }
+
+
+# --- converge ---------------------------------------------------------------------------------
+
+
+def test_postgresql_is_the_debian_systemd_service(host):
+    assert host.package("postgresql").is_installed
+    assert host.service("postgresql@15-main").is_running
+
+
+def test_hoge_db_holds_the_dump(host, dump_counts):
+    assert counts(host, "hoge_db") == dump_counts
+    assert psql(host, "hoge_db", "SELECT src FROM pgops_dbrestore.restore_marker") == "hoge_db.chinook.dump"
+
+
+def test_previous_copy_is_kept_closed(host):
+    """Its rows are checked by the rollback test below; it takes no connections meanwhile."""
+    prev = previous_copies(host)
+    assert len(prev) == 1, databases(host)
+    query = f"SELECT datallowconn FROM pg_database WHERE datname = '{prev[0]}'"
+    assert psql(host, "postgres", query) == "f"
+
+
+def test_client_reconnected_after_the_switch(host, web, dump_counts):
+    stamp = previous_copies(host)[0].rsplit("_", 1)[1]  # 20261125T170236685Z: start of the switch, UTC
+    switch = datetime.strptime(stamp[:-4], "%Y%m%dT%H%M%S").replace(tzinfo=UTC).timestamp()
+    switch += int(stamp[-4:-1]) / 1000
+    rows = client_log(web)
+    before = [r for r in rows if r[0] < switch - 1]
+    after = [r for r in rows if r[0] > switch + 1]
+    assert before and after, (switch, rows[:3], rows[-3:])
+    old_pids = {r[2].split()[2] for r in before if r[1] == "ok"}
+    assert f"{OLD_INVOICE_LINES} {dump_counts['artist'] + EXTRA_ARTISTS}" in before[-1][2]
+    # its session was ended by the switch (the log shows the error) ...
+    ended = next(r for r in rows if r[0] > switch - 1 and r[1] == "fail")
+    assert ended[0] - switch < 5, ended
+    # ... and it reconnected within seconds, to the restored data, on a new session
+    first_ok = next(r for r in rows if r[0] > ended[0] and r[1] == "ok")
+    assert first_ok[0] - ended[0] < 5
+    restored = f"{dump_counts['invoice_line']} {dump_counts['artist']} "
+    assert first_ok[2].startswith(restored)
+    assert first_ok[2].split()[2] not in old_pids
+    assert all(r[1] == "ok" and r[2].startswith(restored) for r in after[-20:]), after[-20:]
+
+
+# --- --check ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [["-e", "db=hoge_db", "-e", "force=true"], ["-e", "dbs=shard1,shard3"]],
+    ids=["hoge_db forced", "a set"],
+)
+def test_check_mode_changes_nothing(host, extra):
+    before = snapshot(host)
+    result = run_playbook("restore.yml", "--check", *extra)
+    assert result.returncode == 0, result.stdout
+    assert "would" in result.stdout or "restore" in result.stdout
+    assert snapshot(host) == before
+
+
+# --- rollback ---------------------------------------------------------------------------------
+
+
+def test_rollback_restores_the_old_rows(host, dump_counts):
+    result = run_playbook("rollback.yml", "-e", "db=hoge_db")
+    assert result.returncode == 0, result.stdout
+    assert counts(host, "hoge_db") == old_counts(dump_counts)
+    assert [d for d in databases(host) if d.startswith("hoge_db_undone_")], databases(host)
+
+
+# --- web trigger ------------------------------------------------------------------------------
+
+
+def test_web_trigger_restores_for_the_app_user(host, dump_counts):
+    result = sudo_as(host, "webapp", TRIGGER, "hoge_db")
+    assert result.rc == 0, result.stdout + result.stderr
+    answer = json.loads(result.stdout.strip().splitlines()[-1])
+    assert answer["ok"] is True
+    assert answer["changed"] is True
+    assert answer["db"] == "hoge_db"
+    assert answer["previous_db"].startswith("hoge_db_prev_")
+    assert counts(host, "hoge_db") == dump_counts
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["other_db"],
+        ["postgres"],
+        ["hoge_db", "../../etc/shadow"],
+        ["hoge_db", "../postgresql/hoge_db.chinook.dump"],
+        ["hoge_db", "hoge_db.chinook.dump"],  # a dump name is not allowed without restore_web_trigger_any_dump
+        ["hoge_db", "--force"],
+        ["--config=/tmp/x", "hoge_db"],
+        ["hoge_db;id"],
+        ["hoge_db", ";", "id"],
+        ["$(id)"],
+        ["hoge_db", "|", "sh"],
+        [],
+    ],
+    ids=lambda argv: " ".join(argv) or "no arguments",
+)
+def test_web_trigger_refuses_bad_requests(host, argv):
+    before = snapshot(host)
+    result = sudo_as(host, "webapp", TRIGGER, *argv)
+    assert result.rc != 0
+    assert snapshot(host) == before
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["other_db"],
+        ["hoge_db", "../backups/postgresql/hoge_db.chinook.dump"],
+        ["hoge_db", "/var/backups/postgresql/hoge_db.chinook.dump"],
+        ["hoge_db", "hoge_db;id"],
+        ["hoge_db", "--force"],
+        ["hoge_db", "a", "b"],
+    ],
+    ids=lambda argv: " ".join(argv),
+)
+def test_web_trigger_command_itself_refuses(host, argv):
+    """Even past sudo (run by root), the command validates its arguments: exit 2, nothing changed."""
+    before = snapshot(host)
+    result = host.run(" ".join(["%s"] * (len(argv) + 1)), TRIGGER, *argv)
+    assert result.rc == 2, result.stdout + result.stderr
+    assert json.loads(result.stdout)["ok"] is False
+    assert snapshot(host) == before
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["-u", "postgres", "psql", "-c", "SELECT 1"],
+        ["-u", "postgres", TRIGGER, "hoge_db"],
+        ["/bin/sh", "-c", "id"],
+        ["/usr/bin/systemctl", "restart", "postgresql"],
+        ["-e", "/etc/pgops-restore.json"],
+        ["-s"],
+    ],
+    ids=lambda argv: " ".join(argv),
+)
+def test_app_user_may_run_nothing_else(host, argv):
+    result = sudo_as(host, "webapp", *argv)
+    assert result.rc == 1
+    assert "a password is required" in result.stderr
+
+
+def test_app_user_sudo_listing(host):
+    out = host.check_output("COLUMNS=500 sudo -ll -U webapp")
+    assert out.count("Sudoers entry:") == 1, out
+    assert "RunAsUsers: root\n" in out
+    listed = [line.strip() for line in out.split("Commands:\n", 1)[1].splitlines() if line.strip()]
+    assert listed == [f"{TRIGGER} hoge_db"]
+    assert host.file("/etc/pgops-restore.json").mode == 0o600
+
+
+# --- restart fallback -------------------------------------------------------------------------
+
+
+def test_fallback_restarts_postgresql_through_sudo(host, web, dump_counts):
+    """hoge_owner owns hoge_db (CREATEDB, no superuser, no pg_signal_backend) and cannot end the
+    client's hoge_app session: the play, run as the OS user pgops, restarts PostgreSQL with
+    `sudo -n systemctl restart postgresql` (no tty) and completes."""
+    role = "SELECT rolsuper::text || rolcreatedb::text FROM pg_roles WHERE rolname = 'hoge_owner'"
+    assert psql(host, "postgres", role) == "falsetrue"
+    assert psql(host, "postgres", "SELECT pg_has_role('hoge_owner', 'pg_signal_backend', 'member')") == "f"
+    owner = "SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = 'hoge_db'"
+    assert psql(host, "postgres", owner) == "hoge_owner"
+    app = "SELECT count(*) FROM pg_stat_activity WHERE datname = 'hoge_db' AND usename = 'hoge_app'"
+    sessions = psql(host, "postgres", app)
+    assert int(sessions) >= 1
+
+    main_pid = host.check_output("systemctl show -P MainPID postgresql@15-main")
+    started = float(web.check_output("date +%s.%N"))
+    connection = {"login_user": "hoge_owner", "login_password": "owner-test-only", "login_host": "127.0.0.1"}
+    result = run_playbook(
+        "restore.yml",
+        "-v",
+        "-e", "db=hoge_db",
+        "-e", "force=true",
+        "-e", json.dumps({
+            "restore_connection": connection,
+            "restore_fallback": "restart",
+            "restore_restart_sudo": True,
+            "ansible_become": True,
+            "ansible_become_user": "pgops",
+        }),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout
+    assert "restarted: true" in result.stdout
+    assert "server restarted" in result.stdout
+    assert host.check_output("systemctl show -P MainPID postgresql@15-main") not in (main_pid, "0")
+    assert counts(host, "hoge_db") == dump_counts
+    assert psql(host, "hoge_db", "SELECT restored_by FROM pgops_dbrestore.restore_marker") == "hoge_owner"
+    # sudo logged the exact command, run by pgops
+    journal = host.check_output("journalctl -q --no-pager -t sudo --since -10min")
+    assert "pgops : " in journal
+    assert "COMMAND=/usr/bin/systemctl restart postgresql" in journal
+    # the client lost its session and came back
+    assert any(r[0] > started and r[1] == "ok" for r in client_log(web))
+
+
+# --- multi-database set -----------------------------------------------------------------------
+
+
+def test_set_with_a_broken_dump_switches_nothing(host):
+    before = snapshot(host)
+    result = run_playbook("restore.yml", "-e", "dbs=shard1,shard2,shard3")
+    assert result.returncode != 0
+    assert "before any database was switched" in result.stdout
+    assert snapshot(host) == before
+    assert before[2] == {"shard1": "1,101", "shard2": "2,102", "shard3": "3,103"}
+    assert not [d for d in databases(host) if "staging" in d or (d.startswith("shard") and "_prev_" in d)]
