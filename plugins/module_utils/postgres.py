@@ -9,6 +9,7 @@ Option names match community.postgresql so existing group_vars and vaults carry 
 from __future__ import annotations
 
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -133,6 +134,18 @@ class ConnParams:
         """Where we connect, for error messages (never the password)."""
         where = self.login_unix_socket or self.login_host or "default socket"
         return f"{self.login_user}@{where}:{self.login_port}/{self.login_db}"
+
+
+def report(module: Any, run: Callable[[], Any]) -> None:
+    """Run an operation for an AnsibleModule: its result as module output, a PgOpsError as one clear line."""
+    try:
+        result = run()
+    except PgOpsError as exc:
+        module.fail_json(msg=str(exc), **{"changed": False, **exc.details})
+    out = result.as_dict()
+    if not module._diff:
+        out.pop("diff")
+    module.exit_json(**out)
 
 
 def require_psycopg() -> None:

@@ -47,6 +47,7 @@ from ansible_collections.pgops.dbrestore.plugins.module_utils.sessions import (
     RestartSpec,
     clear_sessions,
     list_sessions,
+    restart_spec_from_params,
     set_blocked,
     terminate_backends,
 )
@@ -128,6 +129,35 @@ class RestoreRequest:
     fallback: str = "none"
     restart: RestartSpec | None = None
     phase: str = "all"
+
+    @classmethod
+    def from_params(cls, p: dict[str, Any]) -> RestoreRequest:
+        """From pg_restore_db's module parameters."""
+        return cls(
+            db=p["db"],
+            src=os.path.abspath(p["src"]) if p["src"] else None,
+            strategy=p["strategy"],
+            rollback=p["rollback"],
+            owner=p["owner"],
+            template=p["template"],
+            encoding=p["encoding"],
+            lc_collate=p["lc_collate"],
+            lc_ctype=p["lc_ctype"],
+            jobs=p["jobs"],
+            bindir=p["bindir"],
+            restore_args=tuple(p["restore_args"]),
+            keep_previous=p["keep_previous"],
+            verify_query=p["verify_query"],
+            analyze=p["analyze"],
+            force=p["force"],
+            lock_timeout=p["lock_timeout"],
+            block=p["block_new_connections"],
+            block_roles=tuple(p["block_roles"]),
+            wait_timeout=p["wait_timeout"],
+            fallback=p["fallback"],
+            restart=restart_spec_from_params(p),
+            phase=p["phase"],
+        )
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:

@@ -185,6 +185,28 @@ class ClearRequest:
     fallback: str = "none"
     restart: RestartSpec | None = None
 
+    @classmethod
+    def from_params(cls, p: dict[str, Any]) -> ClearRequest:
+        """From pg_terminate_connections' module parameters."""
+        return cls(
+            db=p["db"],
+            state=p["state"],
+            block=p["block_new_connections"],
+            block_roles=tuple(p["block_roles"]),
+            session_filter=SessionFilter(
+                users=tuple(p["users"]),
+                exclude_users=tuple(p["exclude_users"]),
+                application_names=tuple(p["application_names"]),
+                exclude_application_names=tuple(p["exclude_application_names"]),
+                client_addrs=tuple(p["client_addrs"]),
+                states=tuple(p["session_states"]),
+            ),
+            cancel_first=p["cancel_first"],
+            wait_timeout=p["wait_timeout"],
+            fallback=p["fallback"],
+            restart=restart_spec_from_params(p),
+        )
+
     def __post_init__(self) -> None:
         if self.state not in TARGET_STATES:
             raise PgOpsError(f"state must be one of {list(TARGET_STATES)}, not {self.state!r}")

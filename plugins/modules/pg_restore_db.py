@@ -322,21 +322,16 @@ log:
   sample: ['restored the custom dump into "hoge_db_pgops_staging" in 5400 ms']
 """
 
-import os
-
 from ansible.module_utils.basic import AnsibleModule, missing_required_lib
 
 from ansible_collections.pgops.dbrestore.plugins.module_utils.postgres import (
     PSYCOPG_IMPORT_ERROR,
     ConnParams,
-    PgOpsError,
     postgres_common_argument_spec,
+    report,
 )
 from ansible_collections.pgops.dbrestore.plugins.module_utils.restore import RestoreRequest, restore_database
-from ansible_collections.pgops.dbrestore.plugins.module_utils.sessions import (
-    restart_argument_spec,
-    restart_spec_from_params,
-)
+from ansible_collections.pgops.dbrestore.plugins.module_utils.sessions import restart_argument_spec
 
 
 def main() -> None:
@@ -370,40 +365,13 @@ def main() -> None:
     module = AnsibleModule(argument_spec=argument_spec, supports_check_mode=True)
     if PSYCOPG_IMPORT_ERROR:
         module.fail_json(msg=missing_required_lib("psycopg"), exception=PSYCOPG_IMPORT_ERROR)
-    p = module.params
-    try:
-        req = RestoreRequest(
-            db=p["db"],
-            src=os.path.abspath(p["src"]) if p["src"] else None,
-            strategy=p["strategy"],
-            rollback=p["rollback"],
-            owner=p["owner"],
-            template=p["template"],
-            encoding=p["encoding"],
-            lc_collate=p["lc_collate"],
-            lc_ctype=p["lc_ctype"],
-            jobs=p["jobs"],
-            bindir=p["bindir"],
-            restore_args=tuple(p["restore_args"]),
-            keep_previous=p["keep_previous"],
-            verify_query=p["verify_query"],
-            analyze=p["analyze"],
-            force=p["force"],
-            lock_timeout=p["lock_timeout"],
-            block=p["block_new_connections"],
-            block_roles=tuple(p["block_roles"]),
-            wait_timeout=p["wait_timeout"],
-            fallback=p["fallback"],
-            restart=restart_spec_from_params(p),
-            phase=p["phase"],
-        )
-        result = restore_database(ConnParams.from_params(p), req, check_mode=module.check_mode)
-    except PgOpsError as exc:
-        module.fail_json(msg=str(exc), **{"changed": False, **exc.details})
-    out = result.as_dict()
-    if not module._diff:
-        out.pop("diff")
-    module.exit_json(**out)
+    params = module.params
+    report(
+        module,
+        lambda: restore_database(
+            ConnParams.from_params(params), RestoreRequest.from_params(params), check_mode=module.check_mode
+        ),
+    )
 
 
 if __name__ == "__main__":

@@ -223,38 +223,15 @@ from ansible.module_utils.basic import AnsibleModule, missing_required_lib
 from ansible_collections.pgops.dbrestore.plugins.module_utils.postgres import (
     PSYCOPG_IMPORT_ERROR,
     ConnParams,
-    PgOpsError,
     postgres_common_argument_spec,
+    report,
 )
 from ansible_collections.pgops.dbrestore.plugins.module_utils.sessions import (
     STATES,
     ClearRequest,
-    SessionFilter,
     clear_sessions,
     restart_argument_spec,
-    restart_spec_from_params,
 )
-
-
-def request_from_params(p: dict) -> ClearRequest:
-    return ClearRequest(
-        db=p["db"],
-        state=p["state"],
-        block=p["block_new_connections"],
-        block_roles=tuple(p["block_roles"]),
-        session_filter=SessionFilter(
-            users=tuple(p["users"]),
-            exclude_users=tuple(p["exclude_users"]),
-            application_names=tuple(p["application_names"]),
-            exclude_application_names=tuple(p["exclude_application_names"]),
-            client_addrs=tuple(p["client_addrs"]),
-            states=tuple(p["session_states"]),
-        ),
-        cancel_first=p["cancel_first"],
-        wait_timeout=p["wait_timeout"],
-        fallback=p["fallback"],
-        restart=restart_spec_from_params(p),
-    )
 
 
 def main() -> None:
@@ -278,16 +255,13 @@ def main() -> None:
     if PSYCOPG_IMPORT_ERROR:
         module.fail_json(msg=missing_required_lib("psycopg"), exception=PSYCOPG_IMPORT_ERROR)
 
-    try:
-        result = clear_sessions(
-            ConnParams.from_params(module.params), request_from_params(module.params), check_mode=module.check_mode
-        )
-    except PgOpsError as exc:
-        module.fail_json(msg=str(exc), **{"changed": False, **exc.details})
-    out = result.as_dict()
-    if not module._diff:
-        out.pop("diff")
-    module.exit_json(**out)
+    params = module.params
+    report(
+        module,
+        lambda: clear_sessions(
+            ConnParams.from_params(params), ClearRequest.from_params(params), check_mode=module.check_mode
+        ),
+    )
 
 
 if __name__ == "__main__":

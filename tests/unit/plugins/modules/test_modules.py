@@ -7,6 +7,7 @@ import json
 import pytest
 from ansible.module_utils.testing import patch_module_args
 
+from ansible_collections.pgops.dbrestore.plugins.module_utils.sessions import ClearRequest
 from ansible_collections.pgops.dbrestore.plugins.modules import pg_restore_db, pg_terminate_connections
 
 # a port nothing listens on: any attempt to connect fails at once
@@ -56,7 +57,7 @@ def test_terminate_request_mapping():
         "fallback": "restart", "restart_service": "postgresql", "restart_pg_ctl": "pg_ctl", "restart_data_dir": None,
         "restart_command": [], "restart_become_user": None, "restart_sudo": True, "restart_timeout": 60,
     }  # fmt: skip
-    req = pg_terminate_connections.request_from_params(params)
+    req = ClearRequest.from_params(params)
     assert req.block == "revoke_connect" and req.block_roles == ("app",) and req.cancel_first
     assert req.session_filter.application_names == ("unicorn*",) and req.session_filter.states == ("idle",)
     assert req.restart is not None and req.restart.service == "postgresql" and req.restart.use_sudo
