@@ -11,7 +11,7 @@ export ANSIBLE_CONFIG := $(CURDIR)/ansible.cfg
 PGOPS_TEST_MAJORS ?= 10 11 12 13 14 15 16 17 18
 export PGOPS_TEST_MAJORS
 
-.PHONY: venv collections demo test lint pytest sanity molecule changelog clean
+.PHONY: venv collections demo test lint pytest sanity molecule bench bench-quick bench-deps changelog clean
 
 $(VENV)/.installed: requirements.txt
 	python3 -m venv $(VENV)
@@ -46,7 +46,23 @@ sanity: venv
 molecule: collections
 	bash extensions/molecule/run.sh
 
-test: lint pytest sanity molecule
+test: lint pytest sanity bench-quick molecule
+
+# bench/run.py's plot package and community.postgresql, the peer it is measured against
+$(VENV)/.bench-installed: $(VENV)/.installed bench/requirements.txt
+	$(PY) -m pip install -q -r bench/requirements.txt
+	touch $@
+
+bench-deps: collections $(VENV)/.bench-installed
+	bash extensions/molecule/fetch-collections.sh
+
+# ~22 min on 2 cores; BENCH_ARGS="--pg 15" for another major. Output in bench/out/
+bench: bench-deps
+	$(PY) bench/run.py $(BENCH_ARGS)
+
+# every bench still runs (< 3 min); part of make test
+bench-quick: bench-deps
+	$(PY) bench/run.py --quick
 
 # Regenerate CHANGELOG.md from changelogs/fragments for the version in galaxy.yml.
 changelog: collections

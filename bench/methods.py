@@ -33,7 +33,9 @@ def _drop(db: str, force: bool = False) -> sql.Composable:
 
 def _tool(pg: PgServer, name: str, *args: str, ok_errors: tuple[str, ...] = ()) -> None:
     """Run a PG 18 client tool; ok_errors are error lines a caller accepts (pg_restore continues past them)."""
-    proc = subprocess.run([str(client_bindir() / name), *args], env=pg.client_env(), capture_output=True, text=True)
+    proc = subprocess.run(
+        [str(client_bindir() / name), *args], env=pg.client_env(), capture_output=True, text=True, check=False
+    )
     if proc.returncode == 0:
         return
     errors = [ln for ln in proc.stderr.splitlines() if "error:" in ln and "errors ignored on restore" not in ln]
@@ -146,7 +148,7 @@ def restore_community(pg: PgServer, db: str, dump: Path) -> dict:
         env["PATH"] = f"{client_bindir()}:{env['PATH']}"
         argv = [str(Path(sys.executable).parent / "ansible-playbook"), "-i", "localhost,", "-c", "local",
                 "-e", f"ansible_python_interpreter={sys.executable}", "-e", f"@{extra}", str(book)]  # fmt: skip
-        proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=1800)
+        proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=1800, check=False)
     if proc.returncode != 0:
         fatal = [ln for ln in proc.stdout.splitlines() if "fatal:" in ln or '"msg"' in ln or "msg:" in ln]
         raise Failed(f"ansible-playbook exit {proc.returncode}: {' '.join(fatal)[:300]}")

@@ -160,7 +160,7 @@ def targets(res: dict) -> list[str]:
         for m in (CLEAR, CLASSIC):
             sel = _by(drops, clients=clients, method=m)
             rates[clients, m] = 100 * sum(r["ok"] for r in sel) / len(sel)
-    clear_min = min(v for (_, m), v in rates.items() if m == CLEAR)
+    clear_min = min(v for (_clients, m), v in rates.items() if m == CLEAR)
     measured = "; ".join(
         f"{c} clients: {rates[c, CLEAR]:.0f} % vs classic {rates[c, CLASSIC]:.0f} %" for c, m in rates if m == CLEAR
     )

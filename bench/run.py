@@ -168,7 +168,7 @@ def bench_size(pg: PgServer, plan: Plan, scale: int, work: Path) -> dict:
     size: dict = {"scale": scale, "mb": int(mb), "dump_mb": round(dump.stat().st_size / 2**20, 1)}
 
     walls = []
-    for _ in range(plan.wall_trials):
+    for _trial in range(plan.wall_trials):
         for jobs in dict.fromkeys((1, JOBS)):
             fresh = f"{db}_fresh"
             drop_reliably(pg, fresh)
@@ -181,7 +181,7 @@ def bench_size(pg: PgServer, plan: Plan, scale: int, work: Path) -> dict:
     log(f"s={scale}: wall times done")
 
     # the last swap left the dump's marker in db: from here on a run without force has nothing to do
-    size["reruns"] = [timed(restore_swap, pg, db, dump, False) for _ in range(plan.rerun_trials)]
+    size["reruns"] = [timed(restore_swap, pg, db, dump, False) for _trial in range(plan.rerun_trials)]
     size["ansible_rerun"] = timed(restore_via_ansible, pg, db, dump)
     log(f"s={scale}: idempotent reruns done")
 
@@ -234,7 +234,9 @@ def main() -> None:
         version = pg.sql("SHOW server_version")[0][0]
     finally:
         pg.destroy()
-    client = subprocess.run([str(client_bindir() / "pg_restore"), "--version"], capture_output=True, text=True)
+    client = subprocess.run(
+        [str(client_bindir() / "pg_restore"), "--version"], capture_output=True, text=True, check=False
+    )
     res["meta"] = {
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "server_version": version,
