@@ -12,6 +12,7 @@ rollback, the web trigger, the restart fallback and the multi-database set.
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 from datetime import UTC, datetime
@@ -189,8 +190,13 @@ def test_rollback_restores_the_old_rows(host, dump_counts):
 # --- web trigger ------------------------------------------------------------------------------
 
 
+# what the web app runs, as docs/web-trigger.md shows it
+APP_COMMAND = "sudo -n /usr/local/sbin/pgops-restore hoge_db"
+
+
 def test_web_trigger_restores_for_the_app_user(host, dump_counts):
-    result = sudo_as(host, "webapp", TRIGGER, "hoge_db")
+    assert shlex.split(APP_COMMAND)[:2] == ["sudo", "-n"]
+    result = sudo_as(host, "webapp", *shlex.split(APP_COMMAND)[2:])
     assert result.rc == 0, result.stdout + result.stderr
     answer = json.loads(result.stdout.strip().splitlines()[-1])
     assert answer["ok"] is True
