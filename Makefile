@@ -66,7 +66,7 @@ bench-quick: bench-deps
 
 # Regenerate CHANGELOG.md from changelogs/fragments for the version in galaxy.yml.
 changelog: collections
-	rm -f changelogs/changelog.yaml
+	rm -f changelogs/changelog.yaml changelogs/.plugin-cache.yaml
 	$(BIN)/antsibull-changelog release --version $$(sed -n 's/^version: //p' galaxy.yml)
 
 clean:
