@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import json
 import os
 import re
 import shutil
@@ -44,8 +43,6 @@ class DumpInfo:
     path: str
     format: str  # one of ARCHIVE_FORMATS or PLAIN_FORMATS
     size: int  # bytes on disk (all files of a directory dump)
-    sha256: str = ""
-    notes: tuple[str, ...] = field(default_factory=tuple)
 
     @property
     def is_archive(self) -> bool:
@@ -211,22 +208,3 @@ def fingerprint(info: DumpInfo) -> str:
             while chunk := f.read(1 << 20):
                 h.update(chunk)
     return h.hexdigest()
-
-
-def marker_value(info: DumpInfo, sha256: str, restored_at: str) -> str:
-    """What the restored database carries to recognise the same dump next time."""
-    return json.dumps(
-        {"sha256": sha256, "format": info.format, "size": info.size, "src": os.path.basename(info.path.rstrip("/")),
-         "restored_at": restored_at},
-        separators=(",", ":"),
-    )  # fmt: skip
-
-
-def parse_marker(value: str | None) -> dict | None:
-    if not value:
-        return None
-    try:
-        data = json.loads(value)
-    except ValueError:
-        return None
-    return data if isinstance(data, dict) and "sha256" in data else None

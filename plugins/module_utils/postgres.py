@@ -182,13 +182,6 @@ class ServerInfo:
     current_user: str
 
     @property
-    def major(self) -> str:
-        """ "16" from 10 on, "9.6" before (when the second number was part of the major)."""
-        if self.version_num >= 100000:
-            return str(self.version_num // 10000)
-        return f"{self.version_num // 10000}.{self.version_num // 100 % 100}"
-
-    @property
     def pid_column(self) -> str:
         """pg_stat_activity's backend pid column: procpid before 9.2."""
         return "pid" if self.version_num >= 90200 else "procpid"

@@ -83,11 +83,11 @@ def test_request_validation(kw: dict, msg: str):
 
 def test_server_info_version_rules():
     old = ServerInfo(version_num=80300, version="8.3.23", is_superuser=True, current_user="postgres")
-    assert old.pid_column == "procpid" and not old.can_terminate_backends and old.major == "8.3"
+    assert old.pid_column == "procpid" and not old.can_terminate_backends
     v91 = ServerInfo(version_num=90124, version="9.1.24", is_superuser=True, current_user="postgres")
     assert v91.pid_column == "procpid" and v91.can_terminate_backends and not v91.has_allow_connections
     v10 = ServerInfo(version_num=100023, version="10.23", is_superuser=False, current_user="app")
-    assert v10.pid_column == "pid" and v10.has_signal_backend_role and v10.major == "10"
+    assert v10.pid_column == "pid" and v10.has_signal_backend_role
     assert "added in 8.4" in privilege_problem(old, "d", [])
     assert 'GRANT pg_signal_backend TO "app"' in privilege_problem(v10, "d", [])
 
