@@ -11,7 +11,7 @@ export ANSIBLE_CONFIG := $(CURDIR)/ansible.cfg
 PGOPS_TEST_MAJORS ?= 10 11 12 13 14 15 16 17 18
 export PGOPS_TEST_MAJORS
 
-.PHONY: venv collections demo test lint pytest sanity molecule bench bench-quick bench-deps changelog clean
+.PHONY: venv collections peer-collections demo test lint pytest sanity molecule bench bench-quick bench-deps changelog clean
 
 $(VENV)/.installed: requirements.txt
 	python3 -m venv $(VENV)
@@ -26,10 +26,15 @@ collections: venv
 	mkdir -p .cache/collections/ansible_collections/pgops
 	ln -sfn $(CURDIR) .cache/collections/ansible_collections/pgops/dbrestore
 
+# containers.podman and community.postgresql, extracted from the ansible package on PyPI
+# (molecule's driver, the scenarios' helpers and the bench's peer)
+peer-collections: collections
+	bash extensions/molecule/fetch-collections.sh
+
 demo: collections
 	$(PY) demo/demo.py
 
-lint: collections
+lint: peer-collections
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/ansible-lint
@@ -53,8 +58,7 @@ $(VENV)/.bench-installed: $(VENV)/.installed bench/requirements.txt
 	$(PY) -m pip install -q -r bench/requirements.txt
 	touch $@
 
-bench-deps: collections $(VENV)/.bench-installed
-	bash extensions/molecule/fetch-collections.sh
+bench-deps: peer-collections $(VENV)/.bench-installed
 
 # ~22 min on 2 cores; BENCH_ARGS="--pg 15" for another major. Output in bench/out/
 bench: bench-deps
