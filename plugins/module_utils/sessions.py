@@ -12,6 +12,7 @@ import fnmatch
 import ipaddress
 import os
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -353,6 +354,63 @@ def terminate_backends(conn: Any, pids: Sequence[int], cancel_first: bool) -> No
     conn.execute("SELECT pg_terminate_backend(p) FROM unnest(%s::int[]) AS p", (list(pids),))
 
 
+# --- a block that outlives us must not --------------------------------------------------------
+
+# Run detached with the PG* variables of our connection: waits for our "done"; if we die first
+# (even by SIGKILL) its stdin closes without it, and it reopens the database we had closed.
+_GUARD_SCRIPT = r"""
+import sys, time
+import psycopg
+from psycopg import sql
+if sys.stdin.buffer.read() == b"done":
+    sys.exit(0)
+db, method, roles = sys.argv[1], sys.argv[2], sys.argv[3:]
+name = sql.Identifier(db)
+if method == "allow_connections":
+    stmt = sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS true").format(name)
+else:
+    who = sql.SQL(", ").join([sql.SQL("PUBLIC"), *(sql.Identifier(r) for r in roles)])
+    stmt = sql.SQL("GRANT CONNECT ON DATABASE {} TO {}").format(name, who)
+deadline = time.monotonic() + 300  # the server may be restarting (fallback)
+while True:
+    try:
+        with psycopg.connect(autocommit=True) as conn:
+            if conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (db,)).fetchone():
+                conn.execute(stmt)
+        break
+    except psycopg.OperationalError:
+        if time.monotonic() > deadline:
+            raise
+        time.sleep(0.5)
+"""
+
+
+class BlockGuard:
+    """Reopens the database if this process dies while the database is blocked."""
+
+    def __init__(self, params: ConnParams, db: str, method: str, roles: Sequence[str]) -> None:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+        env.update(params.libpq_env())
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", _GUARD_SCRIPT, db, method, *roles],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env=env,
+            cwd="/",
+            start_new_session=True,  # outlives a kill of our process group
+        )
+
+    def release(self) -> None:
+        """We are done: whatever state the database is in now is the intended one."""
+        try:
+            self.proc.stdin.write(b"done")  # type: ignore[union-attr]
+            self.proc.stdin.close()  # type: ignore[union-attr]
+        except BrokenPipeError:
+            pass
+        self.proc.wait()
+
+
 # --- the whole operation ---------------------------------------------------------------------
 
 
@@ -419,7 +477,8 @@ def clear_sessions(
 
     on_cleared runs on the maintenance connection while the database is still blocked and
     empty (pg_restore_db renames databases there). Whatever this call blocked is re-allowed
-    if anything fails, so a failed call never leaves the database closed.
+    if anything fails, and by a BlockGuard if this process is killed, so the database is
+    never left closed by accident.
     """
     phases = _Phases()
     res = ClearResult(block_method=req.block)
@@ -427,6 +486,7 @@ def clear_sessions(
     conn = connect(params)
     phases.add("connect", t)
     we_blocked = False
+    guard: BlockGuard | None = None
     try:
         info = server_info(conn)
         res.server_version = info.version
@@ -471,6 +531,7 @@ def clear_sessions(
             return res
 
         if req.block != "none" and not _is_blocked(before, req.block):
+            guard = BlockGuard(params, req.db, req.block, req.block_roles)
             t = time.monotonic()
             set_blocked(conn, info, req.db, req.block, req.block_roles, blocked=True)
             we_blocked = True
@@ -515,6 +576,8 @@ def clear_sessions(
             exc.details.update(changed=res.changed, terminated=res.terminated, remaining=res.remaining)
         raise
     finally:
+        if guard is not None:
+            guard.release()
         res.elapsed_ms = phases.total()
         conn.close()
 

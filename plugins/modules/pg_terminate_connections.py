@@ -18,7 +18,8 @@ description:
   - When sessions cannot be terminated (server older than 8.4, or a login role that is neither superuser nor
     member of C(pg_signal_backend)), O(fallback=restart) restarts the server instead; without it the module
     fails and names the missing privilege.
-  - If anything fails, whatever this call blocked is re-allowed, so a failed call never leaves the database closed.
+  - If anything fails, whatever this call blocked is re-allowed, so a failed call never leaves the database closed;
+    a detached watcher does the same if the module process itself is killed.
 author:
   - pgops.dbrestore maintainers (@pgops)
 extends_documentation_fragment:

@@ -42,6 +42,10 @@ def databases(pg: PgServer) -> set[str]:
     return {r[0] for r in pg.sql("SELECT datname FROM pg_database")}
 
 
+def allows_connections(pg: PgServer, db: str) -> bool:
+    return pg.sql("SELECT datallowconn FROM pg_database WHERE datname = %s", (db,)) == [(True,)]
+
+
 def invoice_lines(pg: PgServer, db: str) -> int:
     return pg.sql("SELECT count(*) FROM invoice_line", dbname=db)[0][0]
 
@@ -305,10 +309,8 @@ def test_concurrent_runs_one_gets_the_lock_error(pg: PgServer, dumps, live_db: s
     assert pg.sql("SELECT count(*) FROM pgbench_accounts", dbname=live_db)[0][0] == 300000
 
 
-def test_killed_midway_then_next_run_cleans_up(pg: PgServer, dumps, live_db: str, tmp_path: Path):
-    big = tmp_path / "big.dump"
-    _pgbench_dump(pg, big, scale=3)
-    before = fingerprint_db(pg, live_db)
+def restore_in_a_process(pg: PgServer, db: str, src: Path) -> subprocess.Popen:
+    """restore_database in a process of its own, to be killed."""
     script = (
         "import sys; sys.path[:0] = [sys.argv[1], sys.argv[2]]\n"
         "from tests.harness.pg import client_bindir\n"
@@ -317,10 +319,35 @@ def test_killed_midway_then_next_run_cleans_up(pg: PgServer, dumps, live_db: str
         "req = r.RestoreRequest(db=sys.argv[4], src=sys.argv[5], jobs=1, bindir=str(client_bindir()))\n"
         "r.restore_database(p, req)\n"
     )
-
     params = {k: v for k, v in pg.params().__dict__.items() if k != "connect_params"}
-    proc = subprocess.Popen([sys.executable, "-c", script, str(ROOT), str(ROOT / ".cache" / "collections"),
-                             json.dumps(params), live_db, str(big)])  # fmt: skip
+    return subprocess.Popen([sys.executable, "-c", script, str(ROOT), str(ROOT / ".cache" / "collections"),
+                             json.dumps(params), db, str(src)])  # fmt: skip
+
+
+def test_killed_at_any_moment_the_database_reopens_with_its_data(pg: PgServer, dumps, live_db: str):
+    """SIGKILL at moments spread over a restore under a storm, the switch window included."""
+    old, new = fingerprint_db(pg, live_db), fingerprint_db(pg, "chinook_source")
+    for delay in (0.3, 0.6, 0.9, 1.2, 1.5, 1.8):
+        with storm_for(pg, live_db, clients=30) as storm:
+            storm.wait_connected()
+            proc = restore_in_a_process(pg, live_db, dumps["chinook"]["custom"])
+            time.sleep(delay)
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            _wait_for(lambda: allows_connections(pg, live_db), timeout=10)
+        assert fingerprint_db(pg, live_db) in (old, new), f"killed after {delay} s: the data is neither"
+        if fingerprint_db(pg, live_db) == new:  # the switch committed: back to the old data for the next trial
+            restore(pg, live_db, rollback=True)
+        for n in databases(pg):
+            if n.startswith(live_db) and n != live_db:
+                drop_database(pg, n)
+
+
+def test_killed_midway_then_next_run_cleans_up(pg: PgServer, dumps, live_db: str, tmp_path: Path):
+    big = tmp_path / "big.dump"
+    _pgbench_dump(pg, big, scale=3)
+    before = fingerprint_db(pg, live_db)
+    proc = restore_in_a_process(pg, live_db, big)
     staging = staging_name(live_db)
     _wait_for(lambda: pg.sql("SELECT count(*) FROM pg_stat_activity WHERE datname = %s", (staging,))[0][0] > 0)
     time.sleep(0.5)
