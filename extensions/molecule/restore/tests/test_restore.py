@@ -241,7 +241,7 @@ def test_web_trigger_refuses_bad_requests(host, argv):
         ["hoge_db", "--force"],
         ["hoge_db", "a", "b"],
     ],
-    ids=lambda argv: " ".join(argv),
+    ids=" ".join,
 )
 def test_web_trigger_command_itself_refuses(host, argv):
     """Even past sudo (run by root), the command validates its arguments: exit 2, nothing changed."""
@@ -262,7 +262,7 @@ def test_web_trigger_command_itself_refuses(host, argv):
         ["-e", "/etc/pgops-restore.json"],
         ["-s"],
     ],
-    ids=lambda argv: " ".join(argv),
+    ids=" ".join,
 )
 def test_app_user_may_run_nothing_else(host, argv):
     result = sudo_as(host, "webapp", *argv)
