@@ -514,23 +514,21 @@ def clear_sessions(
             raise PgOpsError(privilege_problem(info, req.db, stuck))
         res.method = "restart" if use_restart else ("pg_terminate_backend" if matching else "none")
         ends_blocked = req.state == "blocked"
+        already_blocked = _is_blocked(before, req.block)  # False for block "none"
+        res.blocked = ends_blocked or already_blocked  # what the call leaves behind when it succeeds
         res.diff = {
-            "before": {"blocked": _is_blocked(before, req.block), "sessions": len(matching)},
-            "after": {
-                "blocked": ends_blocked or (_is_blocked(before, req.block) and req.block != "none"),
-                "sessions": 0,
-            },
+            "before": {"blocked": already_blocked, "sessions": len(matching)},
+            "after": {"blocked": res.blocked, "sessions": 0},
         }
         if check_mode:
             res.terminated = [s.report() for s in matching]
-            res.changed = bool(matching) or (ends_blocked and not _is_blocked(before, req.block))
-            res.blocked = res.diff["after"]["blocked"]
+            res.changed = bool(matching) or (ends_blocked and not already_blocked)
             if use_restart:
                 res.restart_command = req.restart.argv() if req.restart else []
             res.log.append(f'check mode: would end {len(matching)} session(s) on "{req.db}" with {res.method}')
             return res
 
-        if req.block != "none" and not _is_blocked(before, req.block):
+        if req.block != "none" and not already_blocked:
             guard = BlockGuard(params, req.db, req.block, req.block_roles)
             t = time.monotonic()
             set_blocked(conn, info, req.db, req.block, req.block_roles, blocked=True)
@@ -567,7 +565,6 @@ def clear_sessions(
             we_blocked = False
             phases.add("unblock", t)
             res.log.append(f'reopened "{req.db}" to new connections')
-        res.blocked = ends_blocked or (req.block != "none" and _is_blocked(before, req.block))
         return res
     except BaseException as exc:
         if we_blocked:
