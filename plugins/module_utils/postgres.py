@@ -8,6 +8,7 @@ Option names match community.postgresql so existing group_vars and vaults carry 
 
 from __future__ import annotations
 
+import os
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -129,6 +130,12 @@ class ConnParams:
             "application_name": "PGAPPNAME",
         }
         return {names[k]: str(v) for k, v in kw.items() if k in names}
+
+    def tool_env(self) -> dict[str, str]:
+        """Environment for a child process (pg_restore, psql, the block guard): ours, with our PG* settings only."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+        env.update(self.libpq_env())
+        return env
 
     def describe(self) -> str:
         """Where we connect, for error messages (never the password)."""

@@ -12,6 +12,7 @@ Plain typed Python; pg_restore_db is a thin wrapper around restore_database().
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 import re
 import shutil
@@ -554,12 +555,6 @@ def tool_major(path: str) -> int:
     return int(m.group(1)) if m else 0
 
 
-def tool_env(params: ConnParams) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
-    env.update(params.libpq_env())
-    return env
-
-
 def conninfo_for(dbname: str) -> str:
     """-d value naming only the database: a name with "=" must never be read as a connection string."""
     return psycopg.conninfo.make_conninfo(dbname=dbname)
@@ -579,16 +574,9 @@ def check_readable(dump: DumpInfo, bindir: str | None, full: bool) -> list[str]:
     flt = PlainFilter()
     with open_plain(dump.path, dump.format) as stream:
         gen = flt.lines(stream)
-        for _line in gen if full else _first(gen, 2000):
+        for _line in gen if full else itertools.islice(gen, 2000):
             pass
     return flt.dropped
-
-
-def _first(it: Any, n: int) -> Any:
-    for i, item in enumerate(it):
-        if i >= n:
-            return
-        yield item
 
 
 def restore_into(params: ConnParams, info: ServerInfo, dbname: str, dump: DumpInfo, req: RestoreRequest) -> list[str]:
@@ -597,7 +585,7 @@ def restore_into(params: ConnParams, info: ServerInfo, dbname: str, dump: DumpIn
     pg_restore 17+ sends SET transaction_timeout, which servers before 17 reject: against those,
     the archive is turned into SQL (pg_restore -f -) and fed to psql without that line.
     """
-    env = tool_env(params)
+    env = params.tool_env()
     old_server = info.version_num < 170000
     psql = [find_tool("psql", req.bindir), "-X", "-q", "--no-password", "-v", "ON_ERROR_STOP=1",
             "--single-transaction", "-d", conninfo_for(dbname), "-f", "-"]  # fmt: skip

@@ -389,14 +389,12 @@ class BlockGuard:
     """Reopens the database if this process dies while the database is blocked."""
 
     def __init__(self, params: ConnParams, db: str, method: str, roles: Sequence[str]) -> None:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
-        env.update(params.libpq_env())
         self.proc = subprocess.Popen(
             [sys.executable, "-c", _GUARD_SCRIPT, db, method, *roles],
             stdin=subprocess.PIPE,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
-            env=env,
+            env=params.tool_env(),
             cwd="/",
             start_new_session=True,  # outlives a kill of our process group
         )

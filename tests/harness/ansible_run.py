@@ -9,8 +9,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-import yaml
-
 ROOT = Path(__file__).resolve().parents[2]
 COLLECTIONS = ROOT / ".cache" / "collections"
 
@@ -67,7 +65,3 @@ def run_module(module: str, args: dict, *, check: bool = False, diff: bool = Fal
         result = json.loads(result_file.read_text())
         result["_stdout"] = proc.stdout
         return result
-
-
-def load_yaml(path: Path):
-    return yaml.safe_load(path.read_text())

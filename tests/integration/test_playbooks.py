@@ -20,6 +20,7 @@ from tests.conftest import drop_database
 from tests.harness.ansible_run import ansible_env
 from tests.harness.pg import PgServer, client_bindir
 from tests.integration.conftest import fingerprint_db
+from tests.integration.test_restore import databases
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.newest_major
@@ -71,10 +72,6 @@ def playbook(inventory: Path, book: str, *args: str) -> subprocess.CompletedProc
 def recap_changed(proc: subprocess.CompletedProcess) -> int:
     line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("localhost") and "changed=" in ln)
     return int(line.split("changed=")[1].split()[0])
-
-
-def databases(pg: PgServer) -> set[str]:
-    return {r[0] for r in pg.sql("SELECT datname FROM pg_database")}
 
 
 def test_restore_by_name_check_idempotence_and_rollback(pg: PgServer, inventory: Path, hoge_db: str):
