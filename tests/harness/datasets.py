@@ -1,4 +1,4 @@
-"""Load the shared sample databases (chinook, pagila) into a server under any name."""
+"""Load the sample databases of tests/data (chinook, pagila) into a server under any name."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from psycopg import sql
 from tests.harness.pg import PgServer
 
 ROOT = Path(__file__).resolve().parents[2]
-DATASETS = ROOT.parent / "shared" / "datasets"
+DATASETS = ROOT / "tests" / "data"
 CHINOOK = DATASETS / "chinook_postgresql.sql"
 PAGILA = DATASETS / "pagila_schema.sql"
 

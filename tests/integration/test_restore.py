@@ -24,6 +24,7 @@ from ansible_collections.pgops.dbrestore.plugins.module_utils.restore import (
 )
 from ansible_collections.pgops.dbrestore.plugins.module_utils.sessions import RestartSpec
 from tests.conftest import drop_database
+from tests.harness.datasets import CHINOOK
 from tests.harness.dumps import FORMATS, make_dump
 from tests.harness.pg import PgServer, client_bindir
 from tests.integration.conftest import PAGILA_MIN_MAJOR, fingerprint_db
@@ -76,9 +77,8 @@ def test_every_format_restores_pagila_exactly(pg: PgServer, dumps, fmt: str):
 
 
 def test_chinook_original_sql_with_its_own_create_database(pg: PgServer, live_db: str):
-    """The shared chinook file drops, creates and enters its own database: those lines are left out."""
-    chinook = ROOT.parent / "shared" / "datasets" / "chinook_postgresql.sql"
-    res = restore(pg, live_db, chinook)
+    """The original chinook file drops, creates and enters its own database: those lines are left out."""
+    res = restore(pg, live_db, CHINOOK)
     assert res.format == "plain"
     assert res.stripped_statements == ["DROP DATABASE IF EXISTS chinook;", "CREATE DATABASE chinook;", "\\c chinook;"]
     assert fingerprint_db(pg, live_db) == fingerprint_db(pg, "chinook_source")
