@@ -10,7 +10,9 @@ app saw: the switch window, the sessions ended, the longest gap a client saw, th
 from __future__ import annotations
 
 import json
+import os
 import re
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -28,6 +30,17 @@ from tests.harness.storm import Storm  # noqa: E402
 
 DB = "hoge_db"
 CLIENTS = 16
+
+
+def playbook_argv(inventory: Path, playbook: str, *extra: str) -> list[str]:
+    """ansible-playbook of this checkout's venv, run from the checkout (its ansible.cfg finds the collection)."""
+    tool = Path(sys.executable).parent / "ansible-playbook"
+    tool_arg = os.path.relpath(tool, ROOT) if tool.is_relative_to(ROOT) else str(tool)
+    return [tool_arg, "-i", str(inventory), f"playbooks/{playbook}.yml", "-e", f"db={DB}", *extra]
+
+
+def run_playbook(argv: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run(argv, cwd=ROOT, env=ansible_env(), capture_output=True, text=True, check=False)
 
 
 def main() -> None:
@@ -58,10 +71,9 @@ def main() -> None:
             with Storm(conninfo, clients=CLIENTS, name="unicorn worker", query=query) as app:
                 app.wait_connected()
                 print(f"== {CLIENTS} app clients connected, reconnecting at once on error, like unicorn workers")
-                print("\n$ ansible-playbook -i inventory.json playbooks/restore.yml -e db=hoge_db")
-                argv = [str(Path(sys.executable).parent / "ansible-playbook"), "-i", str(inventory),
-                        str(ROOT / "playbooks" / "restore.yml"), "-e", f"db={DB}"]  # fmt: skip
-                proc = subprocess.run(argv, env=ansible_env(), capture_output=True, text=True, check=False)
+                argv = playbook_argv(inventory, "restore")
+                print(f"\n$ {shlex.join(argv)}")
+                proc = run_playbook(argv)
                 print(proc.stdout[proc.stdout.find("TASK [pgops.dbrestore.restore : Report]") :])
                 if proc.returncode != 0:
                     print(proc.stdout, proc.stderr)
@@ -71,6 +83,13 @@ def main() -> None:
                 broken = app.total_broken
             lines = pg.sql("SELECT count(*) FROM invoice_line", dbname=DB)[0][0]
             prev = [r[0] for r in pg.sql("SELECT datname FROM pg_database WHERE datname LIKE 'hoge_db_prev_%'")]
+            if lines != 2240 or not prev:
+                raise SystemExit("demo failed: hoge_db was not restored")
+            rollback = playbook_argv(inventory, "rollback")
+            checked = run_playbook([*rollback, "--check"])  # the command printed below, changing nothing
+            if checked.returncode != 0 or prev[0] not in checked.stdout:
+                print(checked.stdout, checked.stderr)
+                raise SystemExit("demo failed: the rollback command does not work in check mode")
         window = re.search(r"switch window (\d+) ms, (\d+) session", proc.stdout)
         print("== summary")
         print(f"   invoice lines in hoge_db now: {lines} (restored from the nightly dump)")
@@ -78,10 +97,13 @@ def main() -> None:
             print(f"   switch window: {window.group(1)} ms; sessions ended: {window.group(2)}")
         print(f"   longest gap any app client saw: {gap * 1000:.0f} ms; connections ended under clients: {broken}")
         print(f"   previous copy kept: {', '.join(prev)}")
-        print("   roll back: ansible-playbook -i inventory playbooks/rollback.yml -e db=hoge_db")
-        if lines != 2240 or not prev:
-            raise SystemExit("demo failed: hoge_db was not restored")
-        print("\nDemo finished: hoge_db was restored under a live, reconnecting app.")
+        print(f"   roll back (run with --check just now; it would swap {prev[0]} back):")
+        print(f"     {shlex.join(rollback)}")
+        print("\nDemo finished: hoge_db was restored under a live, reconnecting app (its server is gone now).")
+        print("On your own hosts, with an inventory whose `db` group lists the database server, from this directory:")
+        print(f"  .venv/bin/ansible-playbook -i inventory pgops.dbrestore.restore -e db={DB}")
+        print(f"  .venv/bin/ansible-playbook -i inventory pgops.dbrestore.rollback -e db={DB}")
+        print("(a sample inventory: playbooks/README.md; with the collection installed: ansible-playbook ... anywhere)")
     finally:
         pg.destroy()
 
