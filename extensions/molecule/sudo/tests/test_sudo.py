@@ -108,7 +108,7 @@ def test_webapp_runs_exact_command_without_tty(host):
 
 
 def test_only_listed_environment_is_kept(host):
-    env = ["PGOPS_REQUEST_ID=r-42", "PGOPS_OTHER=leak"]
+    env = ["APP_REQUEST_ID=r-42", "APP_OTHER=leak"]
     result = sudo(host, "webapp", "-u", "postgres", RESTORE, "--status", env=env)
     assert result.rc == 0, result.stderr
     assert "request=r-42 other=\n" in result.stdout
@@ -190,6 +190,56 @@ def test_refused_rule_changes_nothing(host, command, reason):
     assert reason in result.stdout
     assert snapshot(host) == before
     assert not host.file("/etc/sudoers.d/pgops-harmless").exists
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "PYTHONPATH", "PYTHONSTARTUP", "LD_PRELOAD", "GLIBC_TUNABLES", "PERL5LIB", "NODE_OPTIONS",
+        "PGOPTIONS", "PGSERVICEFILE", "PGPASSFILE", "PATH", "IFS", "BASH_ENV", "SHELLOPTS", "HOME",
+        "GCONV_PATH", "http_proxy", "Pythonpath",
+    ],
+)  # fmt: skip
+def test_unsafe_env_keep_refused_changes_nothing(host, name):
+    before = snapshot(host)
+    rules = [
+        {"name": "pgops-harmless", "user": "webapp", "commands": [{"path": "/usr/bin/id", "args": []}]},
+        {
+            "name": "pgops-webapp",
+            "user": "webapp",
+            "runas": "postgres",
+            "env_keep": ["APP_REQUEST_ID", name],
+            "commands": [{"path": RESTORE, "args": ["--status"]}],
+        },
+    ]
+    result = apply_role(rules)
+    assert result.returncode != 0
+    assert f"sudo_rules entry 'pgops-webapp' refused: env_keep {name}: " in result.stdout, result.stdout
+    assert "run as postgres" in result.stdout
+    assert "set allow_unsafe_env: true in this rule set" in result.stdout
+    assert snapshot(host) == before
+    assert not host.file("/etc/sudoers.d/pgops-harmless").exists
+
+
+def test_allow_unsafe_env_opts_in(host):
+    """allow_unsafe_env waives the refusal for its own rule set only; allow_unsafe does not."""
+    dropin = host.file("/etc/sudoers.d/pgops-unsafe-env")
+    rule = {
+        "name": "pgops-unsafe-env",
+        "user": "webapp",
+        "env_keep": ["PYTHONPATH"],
+        "commands": [{"path": RESTORE, "args": []}],
+    }
+
+    refused = apply_role([{**rule, "allow_unsafe": True}])
+    assert refused.returncode != 0
+    assert "env_keep PYTHONPATH: " in refused.stdout
+    assert not dropin.exists
+
+    assert apply_role([{**rule, "allow_unsafe_env": True}]).returncode == 0
+    assert 'Defaults:webapp env_keep += "PYTHONPATH"\n' in dropin.content_string
+    assert apply_role([{"name": "pgops-unsafe-env", "state": "absent"}]).returncode == 0
+    assert not dropin.exists
 
 
 def test_rule_visudo_rejects_keeps_previous_dropin(host):
