@@ -14,11 +14,12 @@ import hashlib
 import os
 import re
 import shutil
+import stat
 import subprocess
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import IO
+from typing import IO, Any
 
 from ansible_collections.pgops.dbrestore.plugins.module_utils.postgres import PgOpsError
 
@@ -36,55 +37,167 @@ _SQL_START = re.compile(
 _DB_STATEMENT = re.compile(r"^\s*(CREATE|DROP|ALTER)\s+DATABASE\b", re.IGNORECASE)
 _CONNECT = re.compile(r"^\s*\\(c|connect)(\s|$)")
 _COPY_FROM_STDIN = re.compile(r"^\s*COPY\s.*\bFROM\s+stdin\b.*;\s*$", re.IGNORECASE)
+# pg_dump 17.6+ wraps plain dumps in \restrict KEY … \unrestrict KEY; we put our own key around the whole load
+_RESTRICT = re.compile(r"^\s*\\(restrict|unrestrict)(\s|$)")
+_META = re.compile(r"^\s*\\")
 
 
-@dataclass(frozen=True)
-class DumpInfo:
-    path: str
-    format: str  # one of ARCHIVE_FORMATS or PLAIN_FORMATS
-    size: int  # bytes on disk (all files of a directory dump)
+class DumpSource:
+    """A dump opened once: sniffing, hashing and loading all read this one open file.
+
+    Whoever writes the backup directory cannot swap the file between the hash and the load:
+    child tools read it as /dev/fd/N, and unchanged() fails if it was written meanwhile.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        flags = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)
+        try:
+            self.fd = os.open(path, flags | (os.O_DIRECTORY if os.path.isdir(path) else 0))
+        except FileNotFoundError as exc:
+            raise PgOpsError(f"dump {path!r} does not exist") from exc
+        except OSError as exc:
+            raise PgOpsError(f"cannot read dump {path!r}: {exc.strerror}") from exc
+        self.is_dir = stat.S_ISDIR(os.fstat(self.fd).st_mode)
+        self.identity = self._identity()
+        try:
+            self.format = self._sniff()
+        except BaseException:
+            self.close()
+            raise
+        self.size = sum(size for _name, size, *_ in self.identity)
+
+    # --- identity and format ----------------------------------------------------------------
+
+    def members(self) -> list[str]:
+        """File names of a directory dump, in name order (empty for a file)."""
+        return sorted(os.listdir(self.fd)) if self.is_dir else []
+
+    def _identity(self) -> list[tuple[str, int, int, int]]:
+        def ident(st: os.stat_result, name: str) -> tuple[str, int, int, int]:
+            return (name, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+        if not self.is_dir:
+            return [ident(os.fstat(self.fd), "")]
+        return [ident(os.stat(n, dir_fd=self.fd, follow_symlinks=False), n) for n in self.members()]
+
+    def unchanged(self) -> None:
+        """Fail if the dump was written to since it was opened (size, mtime or ctime differ)."""
+        if self._identity() != self.identity:
+            raise PgOpsError(
+                f"dump {self.path!r} changed while it was being restored: restore it again when it is complete"
+            )
+
+    def _sniff(self) -> str:
+        """Format by content: PGDMP magic, toc.dat, ustar with toc.dat, plain SQL, or compressed plain SQL."""
+        path = self.path
+        if self.is_dir:
+            if "toc.dat" not in self.members():
+                raise PgOpsError(f"dump {path!r} is a directory without toc.dat: not a pg_dump directory-format dump")
+            return "directory"
+        head = os.pread(self.fd, 4096, 0)
+        if not head:
+            raise PgOpsError(f"dump {path!r} is empty")
+        if head.startswith(b"PGDMP"):
+            return "custom"
+        if len(head) >= 262 and head[257:262] == b"ustar":
+            if head[:100].rstrip(b"\0") != b"toc.dat":
+                raise PgOpsError(f"dump {path!r} is a tar file but not a pg_dump tar-format dump (no toc.dat first)")
+            return "tar"
+        for magic, fmt in ((_GZIP_MAGIC, "plain.gz"), (_ZSTD_MAGIC, "plain.zst"), (_LZ4_MAGIC, "plain.lz4")):
+            if head.startswith(magic):
+                with self.plain_stream(fmt) as stream:
+                    inner = stream.read(4096)
+                if not _looks_like_sql(inner):
+                    raise PgOpsError(f"dump {path!r} is {fmt.split('.')[1]}-compressed but does not hold plain SQL")
+                return fmt
+        if _looks_like_sql(head):
+            return "plain"
+        raise PgOpsError(
+            f"{path!r} is not a PostgreSQL dump: expected pg_dump custom (PGDMP), directory (toc.dat), tar, "
+            "or plain SQL (optionally gzip/zstd/lz4 compressed)"
+        )
 
     @property
     def is_archive(self) -> bool:
         return self.format in ARCHIVE_FORMATS
 
+    # --- reading ----------------------------------------------------------------------------
 
-def detect_format(path: str) -> DumpInfo:
-    """Format by content: PGDMP magic, toc.dat, ustar with toc.dat, plain SQL, or compressed plain SQL."""
-    if not os.path.exists(path):
-        raise PgOpsError(f"dump {path!r} does not exist")
-    if os.path.isdir(path):
-        if not os.path.isfile(os.path.join(path, "toc.dat")):
-            raise PgOpsError(f"dump {path!r} is a directory without toc.dat: not a pg_dump directory-format dump")
-        size = sum(os.path.getsize(os.path.join(path, n)) for n in os.listdir(path))
-        return DumpInfo(path, "directory", size)
-    try:
-        with open(path, "rb") as f:
-            head = f.read(4096)
-    except OSError as exc:
-        raise PgOpsError(f"cannot read dump {path!r}: {exc.strerror}") from exc
-    size = os.path.getsize(path)
-    if not head:
-        raise PgOpsError(f"dump {path!r} is empty")
-    if head.startswith(b"PGDMP"):
-        return DumpInfo(path, "custom", size)
-    if len(head) >= 262 and head[257:262] == b"ustar":
-        if head[:100].rstrip(b"\0") != b"toc.dat":
-            raise PgOpsError(f"dump {path!r} is a tar file but not a pg_dump tar-format dump (no toc.dat first)")
-        return DumpInfo(path, "tar", size)
-    for magic, fmt in ((_GZIP_MAGIC, "plain.gz"), (_ZSTD_MAGIC, "plain.zst"), (_LZ4_MAGIC, "plain.lz4")):
-        if head.startswith(magic):
-            with open_plain(path, fmt) as stream:
-                inner = stream.read(4096)
-            if not _looks_like_sql(inner):
-                raise PgOpsError(f"dump {path!r} is {fmt.split('.')[1]}-compressed but does not hold plain SQL")
-            return DumpInfo(path, fmt, size)
-    if _looks_like_sql(head):
-        return DumpInfo(path, "plain", size)
-    raise PgOpsError(
-        f"{path!r} is not a PostgreSQL dump: expected pg_dump custom (PGDMP), directory (toc.dat), tar, "
-        "or plain SQL (optionally gzip/zstd/lz4 compressed)"
-    )
+    @property
+    def child_path(self) -> str:
+        """The path by which a child process given pass_fds=(fd,) opens this very file."""
+        return f"/dev/fd/{self.fd}"
+
+    def plain_stream(self, fmt: str | None = None) -> IO[bytes] | _ProcessStream:
+        """A binary stream of the SQL text of a plain dump, decompressing on the fly."""
+        fmt = fmt or self.format
+        if fmt == "plain":
+            return _FdReader(self.fd)  # type: ignore[return-value]
+        if fmt == "plain.gz":
+            return gzip.GzipFile(fileobj=_FdReader(self.fd), mode="rb")  # type: ignore[arg-type]
+        tool = _DECOMPRESSORS[fmt]
+        exe = shutil.which(tool)
+        if exe is None:
+            raise PgOpsError(f"the dump is {tool}-compressed and the {tool} command is not installed on this host")
+        return _ProcessStream([exe, "-dc", "--", self.child_path], pass_fds=(self.fd,))
+
+    def fingerprint(self) -> str:
+        """sha256 of the dump's bytes (for a directory dump: of every file's name and bytes, in name order)."""
+        h = hashlib.sha256()
+        if not self.is_dir:
+            _hash_fd(h, self.fd)
+            return h.hexdigest()
+        for name in self.members():
+            h.update(name.encode() + b"\0")
+            fd = os.open(name, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0), dir_fd=self.fd)
+            try:
+                _hash_fd(h, fd)
+            finally:
+                os.close(fd)
+        return h.hexdigest()
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> DumpSource:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _hash_fd(h: Any, fd: int) -> None:
+    offset = 0
+    while True:
+        chunk = os.pread(fd, 1 << 20, offset)
+        if not chunk:
+            return
+        h.update(chunk)
+        offset += len(chunk)
+
+
+class _FdReader:
+    """Reads an fd from the start by position (pread), leaving the fd's own offset alone."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd, self.offset = fd, 0
+
+    def read(self, n: int = -1) -> bytes:
+        data = os.pread(self.fd, n if n >= 0 else 1 << 30, self.offset)
+        self.offset += len(data)
+        return data
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> _FdReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
 
 
 def _looks_like_sql(data: bytes) -> bool:
@@ -101,8 +214,9 @@ def _looks_like_sql(data: bytes) -> bool:
 class _ProcessStream:
     """stdout of a decompressor, closed (and the process reaped) with the stream."""
 
-    def __init__(self, argv: list[str]) -> None:
-        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    def __init__(self, argv: list[str], pass_fds: tuple[int, ...] = ()) -> None:
+        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     pass_fds=pass_fds)  # fmt: skip
         self.argv = argv
 
     def read(self, n: int = -1) -> bytes:
@@ -126,29 +240,22 @@ class _ProcessStream:
             raise PgOpsError(f"{self.argv[0]} could not decompress the dump: {err.splitlines()[-1:] or 'error'}")
 
 
-def open_plain(path: str, fmt: str) -> IO[bytes] | _ProcessStream:
-    """A binary stream of the SQL text of a plain dump, decompressing on the fly."""
-    if fmt == "plain":
-        return open(path, "rb")
-    if fmt == "plain.gz":
-        return gzip.open(path, "rb")
-    tool = _DECOMPRESSORS[fmt]
-    exe = shutil.which(tool)
-    if exe is None:
-        raise PgOpsError(f"the dump is {tool}-compressed and the {tool} command is not installed on this host")
-    return _ProcessStream([exe, "-dc", "--", path])
-
-
 @dataclass
 class PlainFilter:
     """Streams plain SQL, dropping statements that act on other databases; COPY data passes untouched."""
 
     # settings the target server does not know (SET transaction_timeout from pg_dump 17+ on older servers)
     unknown_settings: tuple[str, ...] = ()
+    # psql's \restrict key: sent first, so psql refuses every meta-command the dump may hold (\! runs a shell)
+    restrict_key: str = ""
     dropped: list[str] = field(default_factory=list)
     in_comment: bool = False  # inside a /* ... */ block, where "Drop database" is prose
+    line_no: int = 0
 
     def lines(self, stream: IO[bytes] | _ProcessStream) -> Iterator[bytes]:
+        """The lines to load; a psql meta-command other than what a pg_dump plain dump holds is refused."""
+        if self.restrict_key:
+            yield f"\\restrict {self.restrict_key}\n".encode()
         in_copy = False
         pending = b""
         while True:
@@ -173,7 +280,8 @@ class PlainFilter:
             stream.check()
 
     def _step(self, raw: bytes, in_copy: bool) -> tuple[bool, bool]:
-        if in_copy:
+        self.line_no += 1
+        if in_copy:  # COPY data, up to its terminator: data, never commands
             return raw.rstrip(b"\r") != b"\\.", True
         text = raw.decode("utf-8", errors="replace")
         if self.in_comment or text.lstrip().startswith("/*"):
@@ -192,19 +300,11 @@ class PlainFilter:
                 )
             self.dropped.append(text.strip())
             return False, False
+        if _RESTRICT.match(text):  # replaced by our own key, which the dump cannot know
+            return False, False
+        if _META.match(text):
+            raise PgOpsError(
+                f"the plain dump runs a psql meta-command on line {self.line_no} ({text.strip()[:40]!r}); "
+                "pg_dump writes none but \\connect and \\restrict: refusing to load it"
+            )
         return False, True
-
-
-def fingerprint(info: DumpInfo) -> str:
-    """sha256 of the dump's bytes (for a directory dump: of every file's name and bytes, in name order)."""
-    h = hashlib.sha256()
-    paths = [info.path]
-    if info.format == "directory":
-        paths = [os.path.join(info.path, n) for n in sorted(os.listdir(info.path))]
-    for p in paths:
-        if info.format == "directory":
-            h.update(os.path.basename(p).encode() + b"\0")
-        with open(p, "rb") as f:
-            while chunk := f.read(1 << 20):
-                h.update(chunk)
-    return h.hexdigest()

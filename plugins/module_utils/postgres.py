@@ -25,12 +25,30 @@ except ImportError:  # reported by the module through missing_required_lib
     PSYCOPG_IMPORT_ERROR = traceback.format_exc()
 
 
-class PgOpsError(Exception):
-    """An error whose message is meant for the operator; details become extra result keys."""
+# SQLSTATEs the collection branches on (never on message text, which follows lc_messages)
+OBJECT_IN_USE = "55006"
+LOCK_NOT_AVAILABLE = "55P03"
+INSUFFICIENT_PRIVILEGE = "42501"
+# a role that pins a safe search_path on every connection we open, as pg_dump does since CVE-2018-1058
+SAFE_SEARCH_PATH = "pg_catalog, pg_temp"
 
-    def __init__(self, msg: str, **details: Any) -> None:
+
+class PgOpsError(Exception):
+    """An error whose message is meant for the operator.
+
+    sqlstate is the server's error code when a statement failed; details become extra result
+    keys (a failed operation puts its partial result there: what it did before failing).
+    """
+
+    def __init__(self, msg: str, sqlstate: str | None = None, **details: Any) -> None:
         super().__init__(msg)
+        self.sqlstate = sqlstate
         self.details = details
+
+
+def sql_error(exc: BaseException, what: str) -> PgOpsError:
+    """A psycopg error as one operator line, keeping its SQLSTATE."""
+    return PgOpsError(f"{what}: {one_line(exc)}", sqlstate=getattr(exc, "sqlstate", None))
 
 
 def postgres_common_argument_spec() -> dict[str, dict[str, Any]]:
@@ -93,7 +111,11 @@ class ConnParams:
         return ConnParams(**{**self.__dict__, "login_db": dbname})
 
     def libpq_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for psycopg.connect (the unix socket wins over the host, as in libpq)."""
+        """Keyword arguments for psycopg.connect (the unix socket wins over the host, as in libpq).
+
+        The search_path is pinned: a database's owner can set its own (ALTER DATABASE … SET
+        search_path) and plant functions that would otherwise run with our privileges.
+        """
         kw: dict[str, Any] = {
             "user": self.login_user,
             "dbname": self.login_db,
@@ -111,6 +133,8 @@ class ConnParams:
             if value:
                 kw[key] = value
         kw.update(dict(self.connect_params))
+        pinned = "-c search_path=" + SAFE_SEARCH_PATH.replace(" ", "")
+        kw["options"] = f"{kw['options']} {pinned}" if kw.get("options") else pinned
         return kw
 
     def libpq_env(self) -> dict[str, str]:
@@ -144,14 +168,23 @@ class ConnParams:
 
 
 def report(module: Any, run: Callable[[], Any]) -> None:
-    """Run an operation for an AnsibleModule: its result as module output, a PgOpsError as one clear line."""
+    """Run an operation for an AnsibleModule: its result as module output, a PgOpsError as one clear line.
+
+    A failure carries the operation's partial result (log, phases, what was created or dropped)
+    and changed=true when anything had been changed before it failed.
+    """
     try:
         result = run()
     except PgOpsError as exc:
-        module.fail_json(msg=str(exc), **{"changed": False, **exc.details})
+        out = {"changed": False, **exc.details}
+        if not module._diff:
+            out.pop("diff", None)
+        module.fail_json(msg=str(exc), sqlstate=exc.sqlstate, **out)
     out = result.as_dict()
     if not module._diff:
         out.pop("diff")
+    for warning in out.get("warnings", []):
+        module.warn(warning)
     module.exit_json(**out)
 
 
@@ -211,8 +244,8 @@ class ServerInfo:
 
 def server_info(conn: Any) -> ServerInfo:
     row = conn.execute(
-        "SELECT current_setting('server_version_num')::int, current_setting('server_version'),"
-        " (SELECT rolsuper FROM pg_roles WHERE rolname = current_user), current_user"
+        "SELECT pg_catalog.current_setting('server_version_num')::int, pg_catalog.current_setting('server_version'),"
+        " (SELECT rolsuper FROM pg_catalog.pg_roles WHERE rolname = current_user), current_user"
     ).fetchone()
     return ServerInfo(version_num=row[0], version=row[1].split()[0], is_superuser=bool(row[2]), current_user=row[3])
 
@@ -222,5 +255,18 @@ def ident(name: str) -> Any:
     return sql.Identifier(name)
 
 
+def database_oid(conn: Any, dbname: str) -> int | None:
+    row = conn.execute("SELECT oid FROM pg_catalog.pg_database WHERE datname = %s", (dbname,)).fetchone()
+    return int(row[0]) if row else None
+
+
 def database_exists(conn: Any, dbname: str) -> bool:
-    return conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (dbname,)).fetchone() is not None
+    return database_oid(conn, dbname) is not None
+
+
+def execute(conn: Any, stmt: Any, what: str, params: Any = None) -> Any:
+    """Run one statement; a server error becomes a PgOpsError saying what failed, with its SQLSTATE."""
+    try:
+        return conn.execute(stmt, params)
+    except psycopg.Error as exc:
+        raise sql_error(exc, what) from exc

@@ -1,34 +1,46 @@
 # Copyright: pgops.dbrestore contributors
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
-"""Clearing a database of its sessions so it can be dropped, renamed or restored.
+"""Ending the sessions on a database so it can be dropped, renamed or restored.
 
-Plain typed Python over psycopg 3; pg_terminate_connections is a thin wrapper around
-clear_sessions(), and pg_restore_db reuses block/terminate for its switch window.
+pg_terminate_connections is a thin wrapper around clear_sessions(); pg_restore_db closes and
+clears the live database for its switch through the same Closure and terminate loop. Blocking
+methods live in blocking.py, the kill guard in guard.py, the restart fallback in restart.py.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import ipaddress
-import os
-import subprocess
-import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from ansible_collections.pgops.dbrestore.plugins.module_utils.blocking import (
+    CHOICES as METHOD_CHOICES,
+)
+from ansible_collections.pgops.dbrestore.plugins.module_utils.blocking import (
+    BlockMethod,
+    BlockState,
+    best_method,
+    block_method,
+)
+from ansible_collections.pgops.dbrestore.plugins.module_utils.guard import BlockGuard
 from ansible_collections.pgops.dbrestore.plugins.module_utils.postgres import (
     ConnParams,
     PgOpsError,
     ServerInfo,
     connect,
-    database_exists,
-    ident,
-    one_line,
+    database_oid,
     server_info,
-    sql,
+)
+from ansible_collections.pgops.dbrestore.plugins.module_utils.registry import Registry
+from ansible_collections.pgops.dbrestore.plugins.module_utils.restart import (
+    FALLBACKS,
+    RestartSpec,
+    restart_server,
+    restart_spec_from_params,
+    wait_for_server,
 )
 
 STATES = (
@@ -39,7 +51,7 @@ STATES = (
     "fastpath function call",
     "disabled",
 )
-BLOCK_METHODS = ("none", "allow_connections", "revoke_connect")
+BLOCK_CHOICES = ("none", *METHOD_CHOICES)
 TARGET_STATES = ("terminated", "blocked", "allowed")
 
 # How long a clear database must stay clear: a backend that passed the connection check just
@@ -108,83 +120,19 @@ class SessionFilter:
         return any(a != "local" and addr in ipaddress.ip_network(a, strict=False) for a in self.client_addrs)
 
 
-@dataclass(frozen=True)
-class RestartSpec:
-    """How to restart the server when sessions cannot be terminated (old server, no privilege)."""
-
-    service: str | None = None  # systemd unit or init script name
-    pg_ctl: str | None = None  # path of pg_ctl, used with data_dir
-    data_dir: str | None = None
-    command: tuple[str, ...] = ()  # explicit argv, used as is
-    become_user: str | None = None  # run as this user (sudo -n -u, or runuser when we are root)
-    use_sudo: bool = False  # prefix "sudo -n" (root) when no become_user is set
-    timeout: int = 120
-
-    def __post_init__(self) -> None:
-        if not (self.command or self.service or self.data_dir):
-            raise PgOpsError(
-                "fallback=restart needs restart_service, restart_data_dir (with pg_ctl) or restart_command"
-            )
-
-    def argv(self) -> list[str]:
-        if self.command:
-            base = list(self.command)
-        elif self.service:
-            if os.path.isdir("/run/systemd/system"):
-                base = ["systemctl", "restart", self.service]
-            else:
-                base = ["service", self.service, "restart"]
-        else:  # data_dir, checked in __post_init__
-            base = [self.pg_ctl or "pg_ctl", "restart", "-D", str(self.data_dir), "-m", "fast", "-w"]
-            base += ["-t", str(self.timeout)]
-        if self.become_user:
-            if os.geteuid() == 0:
-                return ["runuser", "-u", self.become_user, "--", *base]
-            return ["sudo", "-n", "-u", self.become_user, "--", *base]
-        if self.use_sudo:
-            return ["sudo", "-n", "--", *base]
-        return base
-
-
-def restart_argument_spec() -> dict[str, dict[str, Any]]:
-    """The restart fallback options (documented in doc_fragments/restart.py)."""
-    return dict(
-        fallback=dict(type="str", default="none", choices=["none", "restart"]),
-        restart_service=dict(type="str"),
-        restart_data_dir=dict(type="path"),
-        restart_pg_ctl=dict(type="path", default="pg_ctl"),
-        restart_command=dict(type="list", elements="str", default=[]),
-        restart_become_user=dict(type="str"),
-        restart_sudo=dict(type="bool", default=False),
-        restart_timeout=dict(type="int", default=120),
-    )
-
-
-def restart_spec_from_params(p: dict[str, Any]) -> RestartSpec | None:
-    if p.get("fallback") != "restart":
-        return None
-    return RestartSpec(
-        service=p["restart_service"],
-        pg_ctl=p["restart_pg_ctl"],
-        data_dir=p["restart_data_dir"],
-        command=tuple(p["restart_command"]),
-        become_user=p["restart_become_user"],
-        use_sudo=p["restart_sudo"],
-        timeout=p["restart_timeout"],
-    )
-
-
 @dataclass
 class ClearRequest:
     db: str
     state: str = "terminated"
-    block: str = "none"
-    block_roles: tuple[str, ...] = ()
+    block: str = "none"  # "none" or one of blocking.CHOICES
     session_filter: SessionFilter = field(default_factory=SessionFilter)
     cancel_first: bool = False
     wait_timeout: float = 30.0
     fallback: str = "none"
     restart: RestartSpec | None = None
+    # state=blocked remembers what it took in our records, so that state=allowed gives exactly that
+    # back; a caller that renames the closed database away (the switch) records it itself
+    record_block: bool = True
 
     @classmethod
     def from_params(cls, p: dict[str, Any]) -> ClearRequest:
@@ -193,7 +141,6 @@ class ClearRequest:
             db=p["db"],
             state=p["state"],
             block=p["block_new_connections"],
-            block_roles=tuple(p["block_roles"]),
             session_filter=SessionFilter(
                 users=tuple(p["users"]),
                 exclude_users=tuple(p["exclude_users"]),
@@ -211,12 +158,12 @@ class ClearRequest:
     def __post_init__(self) -> None:
         if self.state not in TARGET_STATES:
             raise PgOpsError(f"state must be one of {list(TARGET_STATES)}, not {self.state!r}")
-        if self.block not in BLOCK_METHODS:
-            raise PgOpsError(f"block_new_connections must be one of {list(BLOCK_METHODS)}, not {self.block!r}")
+        if self.block not in BLOCK_CHOICES:
+            raise PgOpsError(f"block_new_connections must be one of {list(BLOCK_CHOICES)}, not {self.block!r}")
         if self.state == "blocked" and self.block == "none":
             raise PgOpsError("state=blocked needs block_new_connections=allow_connections or revoke_connect")
-        if self.fallback not in ("none", "restart"):
-            raise PgOpsError(f"fallback must be 'none' or 'restart', not {self.fallback!r}")
+        if self.fallback not in FALLBACKS:
+            raise PgOpsError(f"fallback must be one of {list(FALLBACKS)}, not {self.fallback!r}")
         if self.fallback == "restart" and self.restart is None:
             raise PgOpsError("fallback=restart needs restart_service, restart_data_dir or restart_command")
 
@@ -234,19 +181,20 @@ class ClearResult:
     restart_command: list[str] = field(default_factory=list)
     elapsed_ms: dict[str, int] = field(default_factory=dict)
     log: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
     diff: dict[str, Any] = field(default_factory=dict)
 
     @property
-    def count(self) -> int:
+    def terminated_count(self) -> int:
         return len(self.terminated)
 
     def as_dict(self) -> dict[str, Any]:
         data = asdict(self)
-        data["count"] = self.count
+        data["terminated_count"] = self.terminated_count
         return data
 
 
-class _Phases:
+class Phases:
     """Wall-clock time per phase, in milliseconds, for results a person can read."""
 
     def __init__(self) -> None:
@@ -286,130 +234,25 @@ def list_sessions(conn: Any, info: ServerInfo, db: str) -> list[Session]:
     elif info.version_num < 90200:
         can_signal = "false"
     else:
-        via_role = "OR pg_has_role('pg_signal_backend', 'MEMBER')" if info.has_signal_backend_role else ""
+        via_role = "OR pg_catalog.pg_has_role('pg_signal_backend', 'MEMBER')" if info.has_signal_backend_role else ""
         can_signal = (
             "CASE WHEN r.rolsuper OR a.usesysid IS NULL THEN false "
-            f"ELSE (pg_has_role(a.usesysid, 'MEMBER') {via_role}) END"
+            f"ELSE (pg_catalog.pg_has_role(a.usesysid, 'MEMBER') {via_role}) END"
         )
     query = (
-        f"SELECT a.{pid}, a.usename, coalesce({app}, ''), host(a.client_addr), {state}, "
-        f"to_char(a.backend_start, 'YYYY-MM-DD\"T\"HH24:MI:SS.USOF'), {can_signal} "
-        "FROM pg_stat_activity a LEFT JOIN pg_roles r ON r.oid = a.usesysid "
-        f"WHERE a.datname = %s AND a.{pid} <> pg_backend_pid(){kind} ORDER BY a.backend_start, 1"
+        f"SELECT a.{pid}, a.usename, coalesce({app}, ''), pg_catalog.host(a.client_addr), {state}, "
+        f"pg_catalog.to_char(a.backend_start, 'YYYY-MM-DD\"T\"HH24:MI:SS.USOF'), {can_signal} "
+        "FROM pg_catalog.pg_stat_activity a LEFT JOIN pg_catalog.pg_roles r ON r.oid = a.usesysid "
+        f"WHERE a.datname = %s AND a.{pid} <> pg_catalog.pg_backend_pid(){kind} ORDER BY a.backend_start, 1"
     )
     return [Session(*row) for row in conn.execute(query, (db,)).fetchall()]
 
 
-def block_status(conn: Any, db: str, roles: Sequence[str]) -> dict[str, bool]:
-    """allow_connections: datallowconn; connect_revoked: PUBLIC and every listed role lack CONNECT."""
-    row = conn.execute(
-        "SELECT d.datallowconn, NOT EXISTS (SELECT 1 FROM aclexplode(coalesce(d.datacl, acldefault('d', d.datdba))) g "
-        " WHERE g.privilege_type = 'CONNECT' AND (g.grantee = 0 OR g.grantee IN "
-        "  (SELECT oid FROM pg_roles WHERE rolname = ANY(%s)))) "
-        "FROM pg_database d WHERE d.datname = %s",
-        (list(roles), db),
-    ).fetchone()
-    if row is None:
-        raise PgOpsError(f'database "{db}" does not exist')
-    return {"allow_connections": bool(row[0]), "connect_revoked": bool(row[1])}
-
-
-def _is_blocked(status: dict[str, bool], method: str) -> bool:
-    if method == "allow_connections":
-        return not status["allow_connections"]
-    if method == "revoke_connect":
-        return status["connect_revoked"]
-    return False
-
-
-def set_blocked(conn: Any, info: ServerInfo, db: str, method: str, roles: Sequence[str], blocked: bool) -> None:
-    """Close or reopen the database to new connections with the given method."""
-    if method == "allow_connections":
-        if not info.has_allow_connections:
-            raise PgOpsError(
-                f"PostgreSQL {info.version} has no ALTER DATABASE … ALLOW_CONNECTIONS (added in 9.5): "
-                "use block_new_connections=revoke_connect"
-            )
-        stmt = sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS {}").format(
-            ident(db), sql.SQL("false" if blocked else "true")
-        )
-        _run_ddl(conn, stmt, db)
-    elif method == "revoke_connect":
-        grantees = sql.SQL(", ").join([sql.SQL("PUBLIC"), *(ident(r) for r in roles)])
-        verb = "REVOKE CONNECT ON DATABASE {} FROM {}" if blocked else "GRANT CONNECT ON DATABASE {} TO {}"
-        _run_ddl(conn, sql.SQL(verb).format(ident(db), grantees), db)
-
-
-def _run_ddl(conn: Any, stmt: Any, db: str) -> None:
-    try:
-        conn.execute(stmt)
-    except Exception as exc:  # psycopg.Error: privilege or catalog problems, told as one line
-        raise PgOpsError(f'cannot change connection rights of database "{db}": {one_line(exc)}') from exc
-
-
 def terminate_backends(conn: Any, pids: Sequence[int], cancel_first: bool) -> None:
     if cancel_first:
-        conn.execute("SELECT pg_cancel_backend(p) FROM unnest(%s::int[]) AS p", (list(pids),))
+        conn.execute("SELECT pg_catalog.pg_cancel_backend(p) FROM pg_catalog.unnest(%s::int[]) AS p", (list(pids),))
         time.sleep(POLL_SECONDS)
-    conn.execute("SELECT pg_terminate_backend(p) FROM unnest(%s::int[]) AS p", (list(pids),))
-
-
-# --- a block that outlives us must not --------------------------------------------------------
-
-# Run detached with the PG* variables of our connection: waits for our "done"; if we die first
-# (even by SIGKILL) its stdin closes without it, and it reopens the database we had closed.
-_GUARD_SCRIPT = r"""
-import sys, time
-import psycopg
-from psycopg import sql
-if sys.stdin.buffer.read() == b"done":
-    sys.exit(0)
-db, method, roles = sys.argv[1], sys.argv[2], sys.argv[3:]
-name = sql.Identifier(db)
-if method == "allow_connections":
-    stmt = sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS true").format(name)
-else:
-    who = sql.SQL(", ").join([sql.SQL("PUBLIC"), *(sql.Identifier(r) for r in roles)])
-    stmt = sql.SQL("GRANT CONNECT ON DATABASE {} TO {}").format(name, who)
-deadline = time.monotonic() + 300  # the server may be restarting (fallback)
-while True:
-    try:
-        with psycopg.connect(autocommit=True) as conn:
-            if conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (db,)).fetchone():
-                conn.execute(stmt)
-        break
-    except psycopg.OperationalError:
-        if time.monotonic() > deadline:
-            raise
-        time.sleep(0.5)
-"""
-
-
-class BlockGuard:
-    """Reopens the database if this process dies while the database is blocked."""
-
-    def __init__(self, params: ConnParams, db: str, method: str, roles: Sequence[str]) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", _GUARD_SCRIPT, db, method, *roles],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            env=params.tool_env(),
-            cwd="/",
-            start_new_session=True,  # outlives a kill of our process group
-        )
-
-    def release(self) -> None:
-        """We are done: whatever state the database is in now is the intended one."""
-        try:
-            self.proc.stdin.write(b"done")  # type: ignore[union-attr]
-            self.proc.stdin.close()  # type: ignore[union-attr]
-        except BrokenPipeError:
-            pass
-        self.proc.wait()
-
-
-# --- the whole operation ---------------------------------------------------------------------
+    conn.execute("SELECT pg_catalog.pg_terminate_backend(p) FROM pg_catalog.unnest(%s::int[]) AS p", (list(pids),))
 
 
 def privilege_problem(info: ServerInfo, db: str, blocked_by: list[Session]) -> str:
@@ -430,38 +273,57 @@ def privilege_problem(info: ServerInfo, db: str, blocked_by: list[Session]) -> s
     )
 
 
-def restart_server(spec: RestartSpec) -> list[str]:
-    """Run the restart command; its output goes to files, as the new postmaster inherits them."""
-    argv = spec.argv()
-    with tempfile.TemporaryFile("w+") as out:
-        try:
-            proc = subprocess.run(
-                argv,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                cwd="/",
-                timeout=spec.timeout + 30,
-                check=False,
+class Closure:
+    """A database closed to new connections by one method, given back exactly as found.
+
+    close() starts a BlockGuard first, so that a process killed while the database is closed
+    still gives it back; reopen() gives it back now; release() ends the guard (in a finally).
+    """
+
+    def __init__(self, conn: Any, params: ConnParams, db: str, method: BlockMethod) -> None:
+        self.params, self.db, self.method = params, db, method
+        self.state = method.snapshot(conn, db)
+        self.taken = False
+        self.guard: BlockGuard | None = None
+
+    def close(self, conn: Any) -> bool:
+        """Close the database; False when it was closed already (then nothing is taken or given back)."""
+        if self.state.closed:
+            return False
+        reopen = [stmt.as_string(conn) for stmt in self.method.open_sql(self.db, self.state)]
+        self.guard = BlockGuard(self.params, self.db, reopen)
+        self.method.close(conn, self.db, self.state)
+        self.taken = True
+        if not self.method.snapshot(conn, self.db).closed:
+            raise PgOpsError(
+                f'"{self.db}" is still open after {self.method.name}: some CONNECT grants were made by another '
+                "grantor than its owner; revoke them, or use block_new_connections=allow_connections"
             )
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            raise PgOpsError(f"restart command {argv} failed: {exc}") from exc
-        out.seek(0)
-        text = out.read().strip()
-    if proc.returncode != 0:
-        raise PgOpsError(f"restart command {argv} exited with {proc.returncode}: {text.splitlines()[-1:] or ''}")
-    return argv
+        return True
 
+    def reopen(self, conn: Any) -> None:
+        if self.taken:
+            self.method.open(conn, self.db, self.state)
+            self.taken = False
 
-def _wait_for_server(params: ConnParams, timeout: float) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
+    def reopen_quietly(self) -> None:
+        """After a failure: give back what was taken on a fresh connection (the original error is what counts)."""
+        if not self.taken:
+            return
         try:
-            return connect(params)
-        except PgOpsError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.2)
+            with connect(self.params) as conn:
+                self.reopen(conn)
+        except Exception:  # noqa: BLE001 - the guard retries when released without "done"
+            pass
+
+    def release(self, done: bool = True) -> None:
+        """End the guard: done=True when the state now is the intended one."""
+        if self.guard is not None:
+            if done:
+                self.guard.release()
+            else:
+                self.guard.abandon()
+            self.guard = None
 
 
 def clear_sessions(
@@ -469,40 +331,31 @@ def clear_sessions(
     req: ClearRequest,
     *,
     check_mode: bool = False,
-    on_cleared: Callable[[Any], None] | None = None,
+    on_cleared: Callable[[Any, Closure | None], None] | None = None,
 ) -> ClearResult:
-    """Block (optionally), end every matching session of req.db and wait until none is left.
+    """Close (optionally), end every matching session of req.db and wait until none is left.
 
-    on_cleared runs on the maintenance connection while the database is still blocked and
-    empty (pg_restore_db renames databases there). Whatever this call blocked is re-allowed
-    if anything fails, and by a BlockGuard if this process is killed, so the database is
-    never left closed by accident.
+    on_cleared runs on the maintenance connection while the database is still closed and empty
+    (pg_restore_db renames databases there). Whatever this call closed is given back if
+    anything fails, and by the guard if this process is killed.
     """
-    phases = _Phases()
+    phases = Phases()
     res = ClearResult(block_method=req.block)
     t = time.monotonic()
     conn = connect(params)
     phases.add("connect", t)
-    we_blocked = False
-    guard: BlockGuard | None = None
+    closure: Closure | None = None
+    failed = False
     try:
         info = server_info(conn)
         res.server_version = info.version
-        if not database_exists(conn, req.db):
+        oid = database_oid(conn, req.db)
+        if oid is None:
             raise PgOpsError(f'database "{req.db}" does not exist on {params.describe()}')
-        method = req.block if req.block != "none" else "allow_connections"
-        before = block_status(conn, req.db, req.block_roles)
-        was_blocked = _is_blocked(before, method)
-
+        registry = Registry(conn)
+        res.warnings += registry.warnings
         if req.state == "allowed":
-            res.diff = {"before": {"blocked": was_blocked}, "after": {"blocked": False}}
-            res.changed = was_blocked
-            if was_blocked and not check_mode:
-                t = time.monotonic()
-                set_blocked(conn, info, req.db, method, req.block_roles, blocked=False)
-                phases.add("unblock", t)
-                res.log.append(f'reopened database "{req.db}" to new connections ({method})')
-            res.block_method = method
+            _allow(conn, info, registry, oid, req, res, check_mode)
             return res
 
         matching = [s for s in list_sessions(conn, info, req.db) if req.session_filter.matches(s)]
@@ -511,29 +364,31 @@ def clear_sessions(
         if stuck and not use_restart:
             raise PgOpsError(privilege_problem(info, req.db, stuck))
         res.method = "restart" if use_restart else ("pg_terminate_backend" if matching else "none")
+        if req.block != "none":
+            closure = Closure(conn, params, req.db, block_method(req.block, info))
+        already_closed = closure is not None and closure.state.closed
         ends_blocked = req.state == "blocked"
-        already_blocked = _is_blocked(before, req.block)  # False for block "none"
-        res.blocked = ends_blocked or already_blocked  # what the call leaves behind when it succeeds
+        res.blocked = ends_blocked or already_closed  # what the call leaves behind when it succeeds
         res.diff = {
-            "before": {"blocked": already_blocked, "sessions": len(matching)},
+            "before": {"blocked": already_closed, "sessions": len(matching)},
             "after": {"blocked": res.blocked, "sessions": 0},
         }
         if check_mode:
             res.terminated = [s.report() for s in matching]
-            res.changed = bool(matching) or (ends_blocked and not already_blocked)
+            res.changed = bool(matching) or (ends_blocked and not already_closed)
             if use_restart:
                 res.restart_command = req.restart.argv() if req.restart else []
             res.log.append(f'check mode: would end {len(matching)} session(s) on "{req.db}" with {res.method}')
             return res
 
-        if req.block != "none" and not already_blocked:
-            guard = BlockGuard(params, req.db, req.block, req.block_roles)
+        if closure is not None:
             t = time.monotonic()
-            set_blocked(conn, info, req.db, req.block, req.block_roles, blocked=True)
-            we_blocked = True
-            res.changed = True
-            phases.add("block", t)
-            res.log.append(f'blocked new connections to "{req.db}" ({req.block})')
+            if closure.close(conn):
+                res.changed = True
+                phases.add("block", t)
+                res.log.append(f'closed "{req.db}" to new connections ({req.block})')
+                if ends_blocked and req.record_block:
+                    registry.set_block(oid, req.db, closure.state)
 
         if use_restart:
             t = time.monotonic()
@@ -542,7 +397,7 @@ def clear_sessions(
             res.restart_command = restart_server(req.restart)  # type: ignore[arg-type]
             res.restarted = True
             res.changed = True
-            conn = _wait_for_server(params, req.wait_timeout)
+            conn = wait_for_server(params, req.wait_timeout)
             phases.add("restart", t)
             res.log.append(f"restarted PostgreSQL with {' '.join(res.restart_command)} ({phases.ms['restart']} ms)")
 
@@ -554,27 +409,55 @@ def clear_sessions(
 
         if on_cleared is not None:
             t = time.monotonic()
-            on_cleared(conn)
+            on_cleared(conn, closure)
             phases.add("on_cleared", t)
 
-        if we_blocked and not ends_blocked:
+        if closure is not None and closure.taken and not ends_blocked:
             t = time.monotonic()
-            set_blocked(conn, info, req.db, req.block, req.block_roles, blocked=False)
-            we_blocked = False
+            closure.reopen(conn)
             phases.add("unblock", t)
             res.log.append(f'reopened "{req.db}" to new connections')
         return res
     except BaseException as exc:
-        if we_blocked:
-            _reopen_after_failure(conn, params, req)
+        failed = True
+        if closure is not None:
+            closure.reopen_quietly()
         if isinstance(exc, PgOpsError):
-            exc.details.update(changed=res.changed, terminated=res.terminated, remaining=res.remaining)
+            exc.details.update(changed=res.changed, terminated=res.terminated, remaining=res.remaining,
+                               log=res.log)  # fmt: skip
         raise
     finally:
-        if guard is not None:
-            guard.release()
+        if closure is not None:
+            closure.release(done=not (failed and closure.taken))
         res.elapsed_ms = phases.total()
         conn.close()
+
+
+def _allow(conn: Any, info: ServerInfo, registry: Registry, oid: int, req: ClearRequest, res: ClearResult,
+           check_mode: bool) -> None:  # fmt: skip
+    """state=allowed: give back what an earlier state=blocked took (recorded), or reopen a closed database."""
+    method = best_method(info, "allow_connections" if req.block == "none" else req.block)
+    res.block_method = method.name
+    now = method.snapshot(conn, req.db)
+    taken = registry.block(oid)
+    if taken is not None and taken.method == method.name:
+        give_back = taken
+    elif now.closed and method.name == "allow_connections":
+        give_back = BlockState(method.name, closed=False)
+    elif now.closed:
+        raise PgOpsError(
+            f'"{req.db}" has no CONNECT grants and no record says which ones pgops.dbrestore took: grant CONNECT '
+            "yourself to the roles that should have it (GRANT CONNECT ON DATABASE … TO …)"
+        )
+    else:
+        give_back = None
+    res.changed = now.closed and give_back is not None
+    res.diff = {"before": {"blocked": now.closed}, "after": {"blocked": False}}
+    if res.changed and not check_mode:
+        method.open(conn, req.db, give_back)  # type: ignore[arg-type]
+        res.log.append(f'reopened database "{req.db}" to new connections ({method.name})')
+    if taken is not None and not check_mode:
+        registry.clear_block(oid)
 
 
 def _terminate_until_clear(conn: Any, info: ServerInfo, req: ClearRequest, res: ClearResult) -> int:
@@ -618,16 +501,3 @@ def _terminate_loop(
             seen.setdefault((s.pid, s.backend_start), s)
         time.sleep(POLL_SECONDS)
     return len(seen)
-
-
-def _reopen_after_failure(conn: Any, params: ConnParams, req: ClearRequest) -> None:
-    """Best effort: a failed call must not leave the database closed (a fresh connection if needed)."""
-    for attempt in (conn, None):
-        try:
-            c = attempt if attempt is not None and not attempt.closed else connect(params)
-            set_blocked(c, server_info(c), req.db, req.block, req.block_roles, blocked=False)
-            if c is not conn:
-                c.close()
-            return
-        except Exception:  # noqa: BLE001 - the original error is the one to report
-            continue

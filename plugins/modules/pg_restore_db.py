@@ -21,13 +21,22 @@ description:
     copies. It first reads the whole dump (C(pg_restore -f /dev/null), or every line of a plain dump), but a dump
     that reads fine and still fails to load leaves the database gone; prefer V(swap).
   - O(rollback=true) swaps the newest previous copy back in the same safe way; the replaced database is kept as
-    C(<db>_undone_<UTC time>).
-  - The restored database carries a marker (the sha256 of the dump) in the table C(pgops_dbrestore.restore_marker).
-    The same dump again does nothing (C(changed=false)) unless O(force=true).
+    C(<db>_undone_<UTC time>). Only copies this collection recorded count as previous copies.
+  - Each restore is recorded (the sha256 of the dump, keyed by the database's OID) in the schema C(pgops_dbrestore)
+    of the maintenance database O(login_db), owned by the login role and closed to every other role; nothing is
+    written into the restored database. The same dump again does nothing (C(changed=false)) unless O(force=true);
+    the log then says when it was restored and whether the application wrote to it since.
+  - Every connection into the target or staging database pins C(search_path) to C(pg_catalog, pg_temp), and
+    O(verify_query) runs with the rights of the database's owner, so functions the application's role planted never
+    run with the login role's privileges. Plain dumps are loaded by C(psql) in C(\restrict) mode: a psql
+    meta-command in the dump (C(\!) runs a shell command) is refused. The dump is opened once and read from that
+    open file for its format, its hash and the load.
   - Database-level settings of the live database (owner, GRANTs on the database, connection limit, comment and
     C(ALTER DATABASE/ROLE ... SET) values) carry over to the restored copy.
-  - A PostgreSQL advisory lock per target database stops a second run at once (or queues it with O(lock_timeout)).
-    A staging database left behind by a killed run is dropped by the next run.
+  - A PostgreSQL advisory lock per target database stops a second run at once (or queues it with O(lock_timeout)),
+    through whichever maintenance database it connects; a session of an unprivileged role holding the key is ended.
+    A staging database left behind by a killed run is dropped by the next run; one this collection did not make is
+    never dropped.
   - Plain dumps that create or enter their own database (C(pg_dump --create), or files with C(CREATE DATABASE) and
     C(\connect) lines) are restored without those statements, which are listed in RV(stripped_statements).
 author:
@@ -65,7 +74,8 @@ options:
     default: swap
   rollback:
     description:
-      - Swap the newest C(<db>_prev_*) copy back in place of O(db). Fails when there is none.
+      - Swap the newest previous copy this collection recorded back in place of O(db). Fails when there is none.
+      - Reads no dump: O(src) and O(strategy) must be left out.
     type: bool
     default: false
   phase:
@@ -79,13 +89,14 @@ options:
     default: all
   keep_previous:
     description:
-      - How many C(<db>_prev_*) copies to keep after a successful swap; older ones are dropped. V(0) keeps none
-        (and so allows no rollback).
+      - How many C(<db>_prev_*) copies to keep after a successful swap, and C(<db>_undone_*) copies after a
+        rollback; older ones are dropped. V(0) keeps none (and so allows no rollback).
     type: int
     default: 1
   force:
     description:
-      - Restore even when the database already carries the marker of this dump.
+      - Restore even when the database was already restored from this very dump (for example to undo what the
+        application wrote since).
     type: bool
     default: false
   owner:
@@ -111,27 +122,31 @@ options:
     type: str
   jobs:
     description:
-      - Parallel jobs of C(pg_restore) for custom and directory dumps. Default is the number of CPUs.
+      - Parallel jobs of C(pg_restore) for custom and directory dumps. Default is half the CPUs of the host that
+        runs the module (at least 1), so that a live server on the same host keeps serving.
     type: int
   bindir:
     description:
       - Directory of the C(pg_restore) and C(psql) to use. Default is the first on C(PATH).
     type: path
-  restore_args:
+  tool_args:
     description:
       - Extra arguments for C(pg_restore) or C(psql), as a list (for example C([--no-owner, --no-privileges])).
     type: list
     elements: str
     default: []
+    aliases: [ restore_args ]
   verify_query:
     description:
       - A query run on the restored copy before the switch; its first column must be true, or nothing is switched.
+      - It runs with the rights of the copy's owner (the application's role), never the login role's, and resolves
+        names with PostgreSQL's default C(search_path) (C("$user", public)).
     type: str
   analyze:
     description:
       - Run C(ANALYZE) on the restored copy before the switch, so the first queries get good plans.
     type: bool
-    default: false
+    default: true
   lock_timeout:
     description:
       - Seconds to wait for another run on the same database to finish. V(0) fails at once.
@@ -141,12 +156,14 @@ options:
     description:
       - How the live database is closed during the switch (see M(pgops.dbrestore.pg_terminate_connections)).
         V(allow_connections) falls back to V(revoke_connect) on servers older than 9.5.
+      - Whatever is closed is given back exactly as it was found (the C(CONNECT) grants, C(datallowconn)).
     type: str
     choices: [ allow_connections, revoke_connect ]
     default: allow_connections
   block_roles:
     description:
-      - Roles whose C(CONNECT) is revoked with O(block_new_connections=revoke_connect).
+      - Ignored. V(revoke_connect) now revokes C(CONNECT) from every role that has it and gives exactly those
+        grants back.
     type: list
     elements: str
     default: []
@@ -158,6 +175,9 @@ options:
 notes:
   - Needs C(CREATEDB) (or superuser) and the right to end the live database's sessions (see
     M(pgops.dbrestore.pg_terminate_connections)).
+  - O(db) must not be O(login_db): the maintenance connection holds the lock and our records there.
+  - A failure returns what was done so far (RV(log), RV(steps_done), RV(created), RV(renamed), RV(dropped),
+    RV(phases_ms)), RV(sqlstate) when the server refused a statement, and C(changed=true) when anything changed.
   - The staging database is named C(<db>_pgops_staging); names longer than 36 bytes are shortened with a hash
     for the staging and previous copies, to fit PostgreSQL's 63-byte limit.
 seealso:
@@ -176,9 +196,9 @@ EXAMPLES = r"""
 - name: Show what happened and how to undo it
   ansible.builtin.debug:
     msg:
-      - "outage {{ restored.switch_window_ms }} ms, {{ restored.terminated }} sessions ended"
+      - "outage {{ restored.switch_window_ms }} ms, {{ restored.terminated_count }} sessions ended"
       - "old copy: {{ restored.previous_db }}"
-      - "undo: ansible-playbook playbooks/rollback.yml -e db=hoge_db"
+      - "undo: ansible-playbook pgops.dbrestore.rollback -e db=hoge_db"
 
 - name: Roll back to the copy from before the restore
   pgops.dbrestore.pg_restore_db:
@@ -219,15 +239,18 @@ server_version:
   type: str
   sample: "16.4"
 marker_before:
-  description: The marker of the live database before, or null.
+  description: Our record of the dump the live database was restored from, or null (C(writes) is its row-change
+    counter right after that restore).
   returned: always
   type: dict
-  sample: {sha256: 9f2c..., format: custom, size: 1048576, src: hoge_db.dump, restored_at: "2026-11-24T03:00:12Z"}
+  sample: {sha256: 9f2c..., format: custom, size: 1048576, src: hoge_db.dump, restored_at: "2026-11-24T03:00:12Z",
+           writes: 15607}
 marker_after:
-  description: The marker of the database after the run.
+  description: Our record of the database after the run.
   returned: success
   type: dict
-  sample: {sha256: 4be1..., format: custom, size: 1050112, src: hoge_db.dump, restored_at: "2026-11-25T03:00:09Z"}
+  sample: {sha256: 4be1..., format: custom, size: 1050112, src: hoge_db.dump, restored_at: "2026-11-25T03:00:09Z",
+           writes: 15607}
 staging_db:
   description: Name of the staging database used.
   returned: unless rollback
@@ -258,24 +281,36 @@ previous_db:
   returned: always
   type: str
   sample: hoge_db_prev_20261125T030009123Z
+created:
+  description: Databases created by this run and still there (failed runs drop their staging copy).
+  returned: always
+  type: list
+  elements: str
+  sample: [hoge_db_pgops_staging]
+renamed:
+  description: Renames this run committed, as C(old -> new).
+  returned: always
+  type: list
+  elements: str
+  sample: ["hoge_db -> hoge_db_prev_20261125T030009123Z", "hoge_db_pgops_staging -> hoge_db"]
 dropped:
-  description: Databases dropped (leftover staging, copies beyond O(keep_previous)).
+  description: Databases dropped (leftover staging, copies beyond O(keep_previous), the live one with V(replace)).
   returned: always
   type: list
   elements: str
   sample: [hoge_db_prev_20261124T030011456Z]
 terminated:
-  description: Number of sessions ended during the switch.
-  returned: always
-  type: int
-  sample: 24
-terminated_sessions:
-  description: The sessions ended (pid, user, application, client, state, backend_start).
+  description: The sessions ended during the switch (pid, user, application, client, state, backend_start).
   returned: always
   type: list
   elements: dict
   sample: [{pid: 4242, user: webapp, application: "unicorn worker[0]", client: 10.0.0.5, state: idle,
             backend_start: "2026-11-25T02:00:00.000000+00"}]
+terminated_count:
+  description: How many sessions were ended during the switch.
+  returned: always
+  type: int
+  sample: 24
 restarted:
   description: Whether the server was restarted by the fallback.
   returned: always
@@ -287,10 +322,10 @@ switch_window_ms:
   type: int
   sample: 180
 phases_ms:
-  description: Milliseconds per phase (lock, inspect, preflight, stage, verify, switch, cleanup, total).
+  description: Milliseconds per phase (lock, inspect, preflight, leftover, stage, verify, switch, prune, total).
   returned: always
   type: dict
-  sample: {lock: 1, inspect: 40, preflight: 90, stage: 5400, verify: 120, switch: 180, cleanup: 300, total: 6131}
+  sample: {lock: 1, inspect: 40, preflight: 90, stage: 5400, verify: 120, switch: 180, prune: 300, total: 6131}
 stripped_statements:
   description: Statements of a plain dump that were left out because they act on other databases.
   returned: always
@@ -309,29 +344,49 @@ rollback_sql:
   elements: str
   sample: ['ALTER DATABASE "hoge_db" ALLOW_CONNECTIONS false;', '...']
 plan:
-  description: The steps, in order (what check mode would do).
+  description: The steps, in order; check mode reports the very list the real run walks.
   returned: always
   type: list
   elements: str
   sample: ['create "hoge_db_pgops_staging" and restore custom dump into it', 'verify it', 'block and clear "hoge_db"']
-log:
-  description: What happened, one line per step.
+steps_done:
+  description: The steps of RV(plan) that completed (on failure, the ones before the failing step).
   returned: always
   type: list
   elements: str
-  sample: ['restored the custom dump into "hoge_db_pgops_staging" in 5400 ms']
+  sample: ['create "hoge_db_pgops_staging" and restore the custom dump into it']
+log:
+  description: What happened, one line per step; values of carried-over settings are masked.
+  returned: always
+  type: list
+  elements: str
+  sample: ['restored the custom dump into "hoge_db_pgops_staging"']
+warnings:
+  description: Things the operator should know (also shown as Ansible warnings), such as ignored records.
+  returned: always
+  type: list
+  elements: str
+  sample: []
+sqlstate:
+  description: The server's error code when a statement failed (for example C(55006), C(42501)).
+  returned: failure
+  type: str
+  sample: "42501"
 """
 
 from ansible.module_utils.basic import AnsibleModule, missing_required_lib
 
+from ansible_collections.pgops.dbrestore.plugins.module_utils.blocking import CHOICES as BLOCK_CHOICES
+from ansible_collections.pgops.dbrestore.plugins.module_utils.blocking import block_argument_spec
 from ansible_collections.pgops.dbrestore.plugins.module_utils.postgres import (
     PSYCOPG_IMPORT_ERROR,
     ConnParams,
     postgres_common_argument_spec,
     report,
 )
+from ansible_collections.pgops.dbrestore.plugins.module_utils.restart import restart_argument_spec
 from ansible_collections.pgops.dbrestore.plugins.module_utils.restore import RestoreRequest, restore_database
-from ansible_collections.pgops.dbrestore.plugins.module_utils.sessions import restart_argument_spec
+from ansible_collections.pgops.dbrestore.plugins.module_utils.strategies import PHASES, STRATEGIES
 
 
 def main() -> None:
@@ -340,9 +395,9 @@ def main() -> None:
     argument_spec.update(
         db=dict(type="str", required=True, aliases=["name"]),
         src=dict(type="path"),
-        strategy=dict(type="str", default="swap", choices=["swap", "replace"]),
+        strategy=dict(type="str", default="swap", choices=list(STRATEGIES)),
         rollback=dict(type="bool", default=False),
-        phase=dict(type="str", default="all", choices=["all", "stage", "switch", "abort"]),
+        phase=dict(type="str", default="all", choices=list(PHASES)),
         keep_previous=dict(type="int", default=1),
         force=dict(type="bool", default=False),
         owner=dict(type="str"),
@@ -352,16 +407,13 @@ def main() -> None:
         lc_ctype=dict(type="str"),
         jobs=dict(type="int"),
         bindir=dict(type="path"),
-        restore_args=dict(type="list", elements="str", default=[]),
+        tool_args=dict(type="list", elements="str", default=[], aliases=["restore_args"]),
         verify_query=dict(type="str"),
-        analyze=dict(type="bool", default=False),
+        analyze=dict(type="bool", default=True),
         lock_timeout=dict(type="float", default=0),
-        block_new_connections=dict(
-            type="str", default="allow_connections", choices=["allow_connections", "revoke_connect"]
-        ),
-        block_roles=dict(type="list", elements="str", default=[]),
         wait_timeout=dict(type="float", default=30),
     )
+    argument_spec.update(block_argument_spec(BLOCK_CHOICES, default="allow_connections"))
     module = AnsibleModule(argument_spec=argument_spec, supports_check_mode=True)
     if PSYCOPG_IMPORT_ERROR:
         module.fail_json(msg=missing_required_lib("psycopg"), exception=PSYCOPG_IMPORT_ERROR)

@@ -54,15 +54,18 @@ options:
       - How to keep clients out while sessions are ended.
       - V(allow_connections) uses C(ALTER DATABASE ... ALLOW_CONNECTIONS false) (9.5+), which keeps out every
         role, superusers included. Needs the database owner or a superuser.
-      - V(revoke_connect) revokes C(CONNECT) from C(PUBLIC) and O(block_roles) (any version); superusers and
-        roles with CONNECT granted some other way still get in. Reopening grants CONNECT to C(PUBLIC) and O(block_roles).
+      - V(revoke_connect) revokes C(CONNECT) from every role that holds it, C(PUBLIC) included (any version);
+        superusers still get in. Reopening gives back exactly the grants it took, never more; with O(state=blocked)
+        the grants taken are recorded (schema C(pgops_dbrestore) of O(login_db), closed to other roles) so that a
+        later O(state=allowed) gives them back.
       - With O(state=allowed) it names the block to undo; V(none) there means V(allow_connections).
     type: str
     choices: [ none, allow_connections, revoke_connect ]
     default: none
   block_roles:
     description:
-      - Roles whose C(CONNECT) privilege is revoked and granted back with O(block_new_connections=revoke_connect).
+      - Ignored. V(revoke_connect) now revokes C(CONNECT) from every role that has it and gives exactly those
+        grants back.
     type: list
     elements: str
     default: []
@@ -174,7 +177,7 @@ terminated:
       client: 10.0.3.15
       state: idle
       backend_start: "2026-11-25T10:01:02.123456+00"
-count:
+terminated_count:
   description: Number of sessions in RV(terminated).
   returned: always
   type: int
@@ -211,6 +214,17 @@ elapsed_ms:
   returned: always
   type: dict
   sample: {connect: 4, block: 3, terminate: 212, unblock: 2, total: 224}
+warnings:
+  description: Things the operator should know (also shown as Ansible warnings), such as ignored records.
+  returned: always
+  type: list
+  elements: str
+  sample: []
+sqlstate:
+  description: The server's error code when a statement failed (for example C(42501)).
+  returned: failure
+  type: str
+  sample: "42501"
 log:
   description: What happened, one line per step, for a person to read.
   returned: always
@@ -221,17 +235,20 @@ log:
 
 from ansible.module_utils.basic import AnsibleModule, missing_required_lib
 
+from ansible_collections.pgops.dbrestore.plugins.module_utils.blocking import block_argument_spec
 from ansible_collections.pgops.dbrestore.plugins.module_utils.postgres import (
     PSYCOPG_IMPORT_ERROR,
     ConnParams,
     postgres_common_argument_spec,
     report,
 )
+from ansible_collections.pgops.dbrestore.plugins.module_utils.restart import restart_argument_spec
 from ansible_collections.pgops.dbrestore.plugins.module_utils.sessions import (
+    BLOCK_CHOICES,
     STATES,
+    TARGET_STATES,
     ClearRequest,
     clear_sessions,
-    restart_argument_spec,
 )
 
 
@@ -239,9 +256,7 @@ def main() -> None:
     argument_spec = postgres_common_argument_spec()
     argument_spec.update(
         db=dict(type="str", required=True, aliases=["name"]),
-        state=dict(type="str", default="terminated", choices=["terminated", "blocked", "allowed"]),
-        block_new_connections=dict(type="str", default="none", choices=["none", "allow_connections", "revoke_connect"]),
-        block_roles=dict(type="list", elements="str", default=[]),
+        state=dict(type="str", default="terminated", choices=list(TARGET_STATES)),
         users=dict(type="list", elements="str", default=[]),
         exclude_users=dict(type="list", elements="str", default=[]),
         application_names=dict(type="list", elements="str", default=[]),
@@ -252,6 +267,7 @@ def main() -> None:
         wait_timeout=dict(type="float", default=30),
     )
     argument_spec.update(restart_argument_spec())
+    argument_spec.update(block_argument_spec(BLOCK_CHOICES, default="none"))
     module = AnsibleModule(argument_spec=argument_spec, supports_check_mode=True)
     if PSYCOPG_IMPORT_ERROR:
         module.fail_json(msg=missing_required_lib("psycopg"), exception=PSYCOPG_IMPORT_ERROR)

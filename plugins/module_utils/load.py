@@ -1,0 +1,160 @@
+# Copyright: pgops.dbrestore contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+"""Reading a dump through, loading it into a database, and verifying the result as its owner."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import secrets
+from dataclasses import dataclass
+from typing import Any
+
+from ansible_collections.pgops.dbrestore.plugins.module_utils.dumpfile import DumpSource, PlainFilter
+from ansible_collections.pgops.dbrestore.plugins.module_utils.postgres import (
+    ConnParams,
+    PgOpsError,
+    ServerInfo,
+    connect,
+    execute,
+    ident,
+    one_line,
+    psycopg,
+    sql,
+)
+from ansible_collections.pgops.dbrestore.plugins.module_utils.tools import (
+    ToolOutput,
+    find_tool,
+    has_restrict,
+    run_tool,
+    tool_version,
+)
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """How to run the client tools: where they are, how many jobs, extra arguments."""
+
+    bindir: str | None = None
+    jobs: int = 1
+    tool_args: tuple[str, ...] = ()
+
+
+def conninfo_for(dbname: str) -> str:
+    """-d value naming only the database: a name with "=" must never be read as a connection string."""
+    return psycopg.conninfo.make_conninfo(dbname=dbname)
+
+
+def check_readable(dump: DumpSource, bindir: str | None, full: bool) -> list[str]:
+    """pg_restore -l (TOC) or, with full, a complete read of the dump; plain dumps are read through."""
+    if dump.is_archive:
+        argv = [find_tool("pg_restore", bindir), "-f", os.devnull]
+        argv += [] if full else ["-l"]
+        try:
+            run_tool([*argv, dump.child_path], dict(os.environ), pass_fds=(dump.fd,))
+        except PgOpsError as exc:
+            raise PgOpsError(f"dump {dump.path!r} is not readable ({dump.format} format): {exc}") from exc
+        return []
+    flt = PlainFilter()
+    with dump.plain_stream() as stream:
+        gen = flt.lines(stream)
+        for _line in gen if full else itertools.islice(gen, 2000):
+            pass
+    return flt.dropped
+
+
+def _psql(bindir: str | None, dbname: str, tool_args: tuple[str, ...]) -> list[str]:
+    psql = find_tool("psql", bindir)
+    version = tool_version(psql)
+    if not has_restrict(version):
+        raise PgOpsError(
+            f"{psql} ({version[0]}.{version[1]}) has no \\restrict, so it would run psql meta-commands (\\! runs a "
+            "shell command) found in a plain dump: set bindir to a newer client (17.6, 16.10, 15.14, 14.19, 13.22 "
+            "or later)"
+        )
+    return [psql, "-X", "-q", "--no-password", "-v", "ON_ERROR_STOP=1", "--single-transaction",
+            "-d", conninfo_for(dbname), *tool_args, "-f", "-"]  # fmt: skip
+
+
+def restore_into(params: ConnParams, info: ServerInfo, dbname: str, dump: DumpSource, opts: LoadOptions) -> list[str]:
+    """Load the dump into dbname with pg_restore --exit-on-error or psql ON_ERROR_STOP (one transaction).
+
+    Returns the statements of a plain dump that were left out. pg_restore 17+ sends SET
+    transaction_timeout, which servers before 17 reject: against those, the archive is turned
+    into SQL (pg_restore -f -) and fed to psql without that line.
+    """
+    env = params.tool_env()
+    old_server = info.version_num < 170000
+    flt = PlainFilter(unknown_settings=("transaction_timeout",) if old_server else (),
+                      restrict_key=secrets.token_hex(16))  # fmt: skip
+    fds = (dump.fd,)
+    if dump.is_archive:
+        pg_restore = find_tool("pg_restore", opts.bindir)
+        if not (old_server and tool_version(pg_restore)[0] >= 17):
+            argv = [pg_restore, "--exit-on-error", "--no-password", "-d", conninfo_for(dbname)]
+            if dump.format != "tar" and opts.jobs > 1:  # tar archives cannot be restored in parallel
+                argv.append(f"--jobs={opts.jobs}")
+            run_tool([*argv, *opts.tool_args, dump.child_path], env, pass_fds=fds)
+            return []
+        psql = _psql(opts.bindir, dbname, ())
+        with ToolOutput([pg_restore, "-f", "-", *opts.tool_args, dump.child_path], env, pass_fds=fds) as sql_out:
+            run_tool(psql, env, feed=flt.lines(sql_out))
+        return flt.dropped
+    psql = _psql(opts.bindir, dbname, opts.tool_args)
+    with dump.plain_stream() as stream:
+        run_tool(psql, env, feed=flt.lines(stream))
+    return flt.dropped
+
+
+def verify(params: ConnParams, dbname: str, verify_query: str | None, owner: str, analyze: bool) -> None:
+    """Run verify_query on the restored copy with its owner's rights (it may call the app's functions)."""
+    with connect(params.with_db(dbname)) as conn:
+        if verify_query:
+            _verify_query(conn, verify_query, owner)
+        if analyze:
+            # index expressions run as each table's owner, in a security-restricted operation
+            execute(conn, "ANALYZE", "ANALYZE of the restored copy failed")
+
+
+def _verify_query(conn: Any, query: str, owner: str) -> None:
+    """A superuser cannot drop its rights in a session (RESET ROLE undoes SET ROLE), so when the owner is
+    not one, the query becomes a materialized view owned by the owner and REFRESH runs it: PostgreSQL
+    runs that as the owner in a security-restricted operation, where no role change is possible.
+    Names are bound when the view is made, with PostgreSQL's default search_path ("$user", public).
+    """
+    row = conn.execute(
+        "SELECT r.rolsuper, (SELECT rolsuper FROM pg_catalog.pg_roles WHERE rolname = current_user) "
+        "FROM pg_catalog.pg_roles r WHERE r.rolname = %s",
+        (owner,),
+    ).fetchone()
+    as_owner = bool(row) and not row[0] and bool(row[1])
+    schema = ident(f"pgops_verify_{secrets.token_hex(4)}")
+    view = sql.SQL("{}.result").format(schema)
+    try:
+        with conn.transaction():
+            conn.execute('SET LOCAL search_path = "$user", public')
+            if as_owner:
+                conn.execute(sql.SQL("CREATE SCHEMA {}").format(schema))
+                conn.execute(sql.SQL("CREATE MATERIALIZED VIEW {} AS ").format(view) + sql.SQL(query)
+                             + sql.SQL(" WITH NO DATA"))  # fmt: skip
+                conn.execute(sql.SQL("ALTER MATERIALIZED VIEW {} OWNER TO {}").format(view, ident(owner)))
+                conn.execute(sql.SQL("REFRESH MATERIALIZED VIEW {}").format(view))
+                result = conn.execute(sql.SQL("SELECT * FROM {} LIMIT 1").format(view)).fetchone()
+                raise _Rollback(result)
+            conn.execute("SET TRANSACTION READ ONLY")
+            raise _Rollback(conn.execute(sql.SQL(query)).fetchone())
+    except _Rollback as done:
+        result = done.row
+    except psycopg.Error as exc:
+        raise PgOpsError(f"verify_query failed on the restored copy: {one_line(exc)}", sqlstate=exc.sqlstate) from exc
+    if not result or not result[0]:
+        got = result[0] if result else "no row"
+        raise PgOpsError(f"verify_query returned {got!r} on the restored copy, not true")
+
+
+class _Rollback(Exception):
+    """Leaves the verify transaction without keeping anything it made, carrying the result row."""
+
+    def __init__(self, row: Any) -> None:
+        super().__init__("rollback")
+        self.row = row

@@ -1,0 +1,554 @@
+# Copyright: pgops.dbrestore contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+"""The restore strategies, each an ordered list of named steps built after looking at the server.
+
+swap: stage into <db>_pgops_staging, verify, then close + clear the live database and rename
+live -> <db>_prev_<UTC time>, staging -> <db> in one transaction. replace: close, clear, drop,
+then restore (for hosts without room for two copies). rollback: swap the newest previous copy
+we recorded back. A set of databases runs phase=stage on all, then phase=switch (or abort).
+A new strategy is one class here, registered in STRATEGIES or chosen in plan_for().
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+from ansible_collections.pgops.dbrestore.plugins.module_utils.blocking import (
+    BlockMethod,
+    BlockState,
+    best_method,
+    block_method,
+)
+from ansible_collections.pgops.dbrestore.plugins.module_utils.copies import (
+    DatabaseSettings,
+    apply_settings,
+    create_database,
+    drop_database,
+    free_name,
+    previous_name,
+    read_settings,
+    staging_name,
+    undone_name,
+    utc_stamp,
+)
+from ansible_collections.pgops.dbrestore.plugins.module_utils.dumpfile import DumpSource
+from ansible_collections.pgops.dbrestore.plugins.module_utils.guard import BlockGuard
+from ansible_collections.pgops.dbrestore.plugins.module_utils.load import (
+    LoadOptions,
+    check_readable,
+    restore_into,
+    verify,
+)
+from ansible_collections.pgops.dbrestore.plugins.module_utils.operation import Operation, Step
+from ansible_collections.pgops.dbrestore.plugins.module_utils.postgres import (
+    OBJECT_IN_USE,
+    PgOpsError,
+    database_oid,
+    execute,
+    ident,
+    sql,
+)
+from ansible_collections.pgops.dbrestore.plugins.module_utils.registry import Copy, Registry
+from ansible_collections.pgops.dbrestore.plugins.module_utils.sessions import (
+    ClearRequest,
+    ClearResult,
+    Closure,
+    clear_sessions,
+    list_sessions,
+    terminate_backends,
+)
+
+# all: the whole restore; stage/switch split it so a set of databases (shards) is switched only
+# when every staged copy verified; abort drops a staged copy
+PHASES = ("all", "stage", "switch", "abort")
+
+
+class Target:
+    """The database a run restores and the copies around it, as found before any step runs."""
+
+    def __init__(self, op: Operation) -> None:
+        self.op = op
+        self.db = op.req.db
+        if self.db == op.params.login_db:
+            raise PgOpsError(
+                f'"{self.db}" is the maintenance database (login_db) this run connects to: set login_db to another '
+                "database (postgres, template1) to restore it"
+            )
+        self.live_oid = database_oid(op.conn, self.db)
+        self.staging = op.res.staging_db = staging_name(self.db)
+        self.staging_oid = database_oid(op.conn, self.staging)
+        if self.staging_oid is not None and not self._ours(self.staging_oid):
+            raise PgOpsError(
+                f'a database named "{self.staging}" exists that pgops.dbrestore did not make (owner is not the '
+                "login role and no record of ours names it); nothing was changed: rename or drop it, then run again"
+            )
+        self.method = best_method(op.info, op.req.block_new_connections)
+
+    def _ours(self, oid: int) -> bool:
+        row = self.op.conn.execute(
+            "SELECT pg_catalog.pg_get_userbyid(datdba) = current_user FROM pg_catalog.pg_database WHERE oid = %s",
+            (oid,),
+        ).fetchone()
+        return bool(row and row[0]) or any(c.oid == oid for c in self.op.registry.copies(self.db, "staging"))
+
+    def copies(self, kind: str) -> list[Copy]:
+        return self.op.registry.copies(self.db, kind)
+
+
+# --- steps shared by the strategies ----------------------------------------------------------
+
+
+def drop_leftover(t: Target, why: str) -> Step:
+    op = t.op
+
+    def run() -> None:
+        drop_database(op.params, op.info, t.staging, op.req.wait_timeout)
+        op.registry.forget(t.staging_oid)  # type: ignore[arg-type]
+        op.res.dropped.append(t.staging)
+        op.res.log.append(f'dropped "{t.staging}" ({why})')
+
+    return Step("leftover", f'drop "{t.staging}" ({why})', run)
+
+
+class Staging:
+    """Create the staging copy, load the dump, verify it and give it the live settings."""
+
+    def __init__(self, t: Target, dump: DumpSource) -> None:
+        self.t, self.dump = t, dump
+        self.live: DatabaseSettings | None = None
+
+    def steps(self) -> list[Step]:
+        t, fmt = self.t, self.dump.format
+        return [
+            Step("stage", f'create "{t.staging}" and restore the {fmt} dump into it', self._load),
+            Step("verify", f'verify "{t.staging}" and give it the settings of "{t.db}"', self._verify),
+        ]
+
+    def _load(self) -> None:
+        op, t, req = self.t.op, self.t, self.t.op.req
+        if self.live is None and database_oid(op.conn, t.db) is not None:  # replace read it before the drop
+            self.live = read_settings(op.conn, t.db)
+        locale = {"ENCODING": req.encoding, "LC_COLLATE": req.lc_collate, "LC_CTYPE": req.lc_ctype}
+        if self.live is not None:
+            live_locale = {"ENCODING": self.live.encoding, "LC_COLLATE": self.live.collate,
+                           "LC_CTYPE": self.live.ctype}  # fmt: skip
+            locale = {k: v or live_locale[k] for k, v in locale.items()}
+        t.staging_oid = create_database(op.conn, t.staging, req.template, req.owner, locale)
+        op.res.created.append(t.staging)
+        op.registry.add_copy(t.staging_oid, t.staging, t.db, "staging", BlockState(t.method.name, closed=False))
+        self._guarded(self._run_load)
+
+    def _run_load(self) -> None:
+        op, t, req = self.t.op, self.t, self.t.op.req
+        opts = LoadOptions(bindir=req.bindir, jobs=req.load_jobs, tool_args=req.tool_args)
+        op.res.stripped_statements = restore_into(op.params, op.info, t.staging, self.dump, opts)
+        self.dump.unchanged()
+        op.res.log.append(f'restored the {self.dump.format} dump into "{t.staging}"')
+
+    def _verify(self) -> None:
+        self._guarded(self._run_verify)
+
+    def _run_verify(self) -> None:
+        op, t, req = self.t.op, self.t, self.t.op.req
+        owner = req.owner or (self.live.owner if self.live else op.info.current_user)
+        verify(op.params, t.staging, req.verify_query, owner, req.analyze)
+        marker = {"sha256": op.res.sha256, "format": self.dump.format, "size": self.dump.size,
+                  "src": os.path.basename(self.dump.path.rstrip("/"))}  # fmt: skip
+        op.registry.write_marker(t.staging_oid, t.staging, marker)  # type: ignore[arg-type]
+        if self.live is not None:
+            op.res.log += [f"carried over: {s}" for s in apply_settings(op.conn, t.staging, self.live, req.owner)]
+        op.res.log.append(f'verified "{t.staging}"')
+
+    def _guarded(self, body: Callable[[], None]) -> None:
+        """On any failure the staging copy goes; the live database was not touched."""
+        op, t = self.t.op, self.t
+        try:
+            body()
+        except BaseException as exc:
+            _drop_quietly(op, t.staging, t.staging_oid)
+            if isinstance(exc, PgOpsError):
+                if t.db in op.res.dropped:
+                    where = "was dropped before the restore (strategy=replace): restore it again from a good dump"
+                else:
+                    where = "was not touched" if self.live is not None else "was not created"
+                raise PgOpsError(f'restore of {self.dump.path!r} failed; "{t.db}" {where} and the staging copy was '
+                                 f"removed: {exc}", sqlstate=exc.sqlstate, **exc.details) from exc  # fmt: skip
+            raise
+
+
+def _drop_quietly(op: Operation, name: str, oid: int | None) -> None:
+    try:
+        drop_database(op.params, op.info, name, op.req.wait_timeout)
+        op.registry.forget(oid)  # type: ignore[arg-type]
+        if name in op.res.created:  # made and dropped by this run: no trace left
+            op.res.created.remove(name)
+        else:
+            op.res.dropped.append(name)
+    except PgOpsError:
+        pass  # reported by the next run, which drops the leftover first
+
+
+def rename(conn: Any, old: str, new: str, res: Any) -> None:
+    execute(conn, sql.SQL("ALTER DATABASE {} RENAME TO {}").format(ident(old), ident(new)), f'cannot rename "{old}"')
+    res.renamed.append(f"{old} -> {new}")
+
+
+def in_transaction_retrying(conn: Any, op: Operation, db: str, body: Callable[[], None], attempts: int = 5) -> None:
+    """Run body in one transaction; a backend that slipped in before the block (55006) is ended and we retry."""
+    for attempt in range(attempts):
+        renamed = len(op.res.renamed)
+        try:
+            with conn.transaction():
+                body()
+            return
+        except PgOpsError as exc:
+            del op.res.renamed[renamed:]  # rolled back
+            if exc.sqlstate != OBJECT_IN_USE or attempt == attempts - 1:
+                raise
+            late = [s.pid for s in list_sessions(conn, op.info, db)]
+            if late:
+                terminate_backends(conn, late, cancel_first=False)
+            time.sleep(0.05)
+
+
+def close_and_clear(op: Operation, method: BlockMethod, then: Callable[[Any, Closure | None], None]) -> None:
+    """The only window the app sees: close and clear the live database, run `then` while it is empty."""
+    req = op.req
+    request = ClearRequest(db=req.db, state="blocked", block=method.name, wait_timeout=req.wait_timeout,
+                           fallback=req.fallback, restart=req.restart, record_block=False)  # fmt: skip
+    t = time.monotonic()
+    try:
+        cleared = clear_sessions(op.params, request, on_cleared=then)
+    finally:
+        op.res.switch_window_ms = int((time.monotonic() - t) * 1000)
+    _record_clear(op, cleared)
+
+
+def _record_clear(op: Operation, cleared: ClearResult) -> None:
+    if cleared.restarted:
+        op.conn.invalidate()
+    op.res.terminated += cleared.terminated
+    op.res.restarted = op.res.restarted or cleared.restarted
+    op.res.log += [f"switch: {line}" for line in cleared.log]
+
+
+def rollback_sql(op: Operation, method: BlockMethod, live_state: BlockState, prev: str) -> list[str]:
+    """The undo of a swap as SQL statements, for a person at psql."""
+    db, conn = op.req.db, op.conn
+    undone = undone_name(db, "<UTC time>")
+    stmts = [
+        *method.close_sql(db, live_state),
+        sql.SQL("SELECT pg_catalog.pg_terminate_backend(pid) FROM pg_catalog.pg_stat_activity WHERE datname = {}")
+        .format(sql.Literal(db)),
+        sql.SQL("ALTER DATABASE {} RENAME TO {}").format(ident(db), ident(undone)),
+        sql.SQL("ALTER DATABASE {} RENAME TO {}").format(ident(prev), ident(db)),
+        *method.open_sql(db, live_state),
+    ]  # fmt: skip
+    return [s.as_string(conn) + ";" for s in stmts]
+
+
+def prune(t: Target, kind: str, keep: int, planned: list[str]) -> list[Step]:
+    """Drop our copies of one kind beyond the newest `keep` once the steps before ran (planned: their names now)."""
+    op = t.op
+    if not planned:
+        return []
+
+    def run() -> None:
+        for copy in t.copies(kind)[keep:]:
+            drop_database(op.params, op.info, copy.name, op.req.wait_timeout)
+            op.registry.forget(copy.oid)
+            op.res.dropped.append(copy.name)
+            op.res.log.append(f'dropped old copy "{copy.name}" (keep_previous={keep})')
+        if op.res.previous_db in op.res.dropped:
+            op.res.previous_db, op.res.rollback, op.res.rollback_sql = "", {}, []
+
+    names = ", ".join(f'"{n}"' for n in planned)
+    return [Step("prune", f"drop {names} (keep_previous={keep})", run)]
+
+
+def planned_prune(t: Target, kind: str, new_copy: str) -> list[str]:
+    """The copies of a kind that go once new_copy joins them, keeping keep_previous."""
+    keep = t.op.req.keep_previous
+    existing = [c.name for c in t.copies(kind)]
+    return existing[max(keep - 1, 0) :] + ([new_copy] if keep == 0 else [])
+
+
+# --- strategies --------------------------------------------------------------------------------
+
+
+class DumpRestore:
+    """What swap and replace share: open and read the dump, decide whether there is anything to do."""
+
+    name = ""
+
+    def steps(self, op: Operation) -> list[Step]:
+        t = Target(op)
+        dump = DumpSource(op.req.src)  # type: ignore[arg-type]
+        op.closers.append(dump.close)
+        res = op.res
+        with op.phase("inspect"):
+            res.format, res.sha256 = dump.format, dump.fingerprint()
+            res.marker_before = op.registry.marker(t.live_oid)
+            _sizes(op, t)
+        new_marker = {"sha256": res.sha256, "format": dump.format, "size": dump.size,
+                      "src": os.path.basename(dump.path.rstrip("/"))}  # fmt: skip
+        res.diff = {"before": {"marker": res.marker_before}, "after": {"marker": new_marker}}
+        leftover = [drop_leftover(t, "left behind by an interrupted run")] if t.staging_oid is not None else []
+        if res.marker_before and res.marker_before["sha256"] == res.sha256 and not op.req.force:
+            res.diff["after"]["marker"] = res.marker_before
+            res.log.append(_already_holds(op, t))
+            return leftover
+        with op.phase("preflight"):
+            full = op.check_mode or self.name == "replace"
+            res.stripped_statements = check_readable(dump, op.req.bindir, full=full)
+        return leftover + self.after_leftover(t, Staging(t, dump))
+
+    def after_leftover(self, t: Target, staging: Staging) -> list[Step]:
+        raise NotImplementedError
+
+
+def _already_holds(op: Operation, t: Target) -> str:
+    marker = op.res.marker_before or {}
+    line = f'"{t.db}" already holds this dump (sha256 {op.res.sha256[:12]}…, restored {marker.get("restored_at")})'
+    writes = _writes(op, t.live_oid)
+    if marker.get("writes") is not None and writes is not None and writes > marker["writes"]:
+        line += f"; it was written since ({writes - marker['writes']} row changes): force=true restores it again"
+    return line + "; nothing to do"
+
+
+def _writes(op: Operation, oid: int | None) -> int | None:
+    row = op.conn.execute(
+        "SELECT tup_inserted + tup_updated + tup_deleted FROM pg_catalog.pg_stat_database WHERE datid = %s", (oid,)
+    ).fetchone()
+    return int(row[0]) if row and row[0] is not None else None
+
+
+def _sizes(op: Operation, t: Target) -> None:
+    """Size of the live database and where the cluster keeps its data, for disk-space checks."""
+    if t.live_oid is not None:
+        row = op.conn.execute(
+            "SELECT CASE WHEN pg_catalog.has_database_privilege(%s::oid, 'CONNECT') "
+            "OR pg_catalog.pg_has_role('pg_read_all_stats', 'USAGE') THEN pg_catalog.pg_database_size(%s::oid) END",
+            (t.live_oid, t.live_oid),
+        ).fetchone()
+        op.res.live_size_bytes = int(row[0] or 0)
+    if op.info.is_superuser or op.conn.execute("SELECT pg_catalog.pg_has_role('pg_read_all_settings', 'USAGE')"
+                                               ).fetchone()[0]:  # fmt: skip
+        op.res.data_directory = op.conn.execute("SELECT pg_catalog.current_setting('data_directory')").fetchone()[0]
+    else:
+        op.res.warnings.append("the login role may not read data_directory (pg_read_all_settings): no disk-space facts")
+
+
+class Swap(DumpRestore):
+    name = "swap"
+
+    def after_leftover(self, t: Target, staging: Staging) -> list[Step]:
+        op = t.op
+        if op.req.phase == "stage":
+            done = Step("staged", f'keep "{t.staging}" for phase=switch', lambda: _mark_staged(op, t), changes=False)
+            return [*staging.steps(), done]
+        if t.live_oid is None:
+            return [*staging.steps(), Step("switch", f'rename "{t.staging}" to "{t.db}"', lambda: _create_live(op, t))]
+        return [*staging.steps(), *switch_steps(t)]
+
+
+def _mark_staged(op: Operation, t: Target) -> None:
+    op.res.staged = True
+    op.res.log.append(f'"{t.staging}" is restored and verified; phase=switch puts it in place of "{t.db}"')
+
+
+def _create_live(op: Operation, t: Target) -> None:
+    def body() -> None:
+        rename(op.conn, t.staging, t.db, op.res)
+        op.registry.forget_copy(t.staging_oid)  # type: ignore[arg-type]
+
+    in_transaction_retrying(op.conn, op, t.db, body)
+    op.registry.note_writes(t.staging_oid, _writes(op, t.staging_oid))  # type: ignore[arg-type]
+    op.res.log.append(f'"{t.db}" did not exist: created it from the dump')
+
+
+def switch_steps(t: Target) -> list[Step]:
+    """Close + clear live, rename live -> previous and staging -> live in one transaction; prune old copies."""
+    op, req = t.op, t.op.req
+    prev = free_name(op.conn, previous_name(t.db, utc_stamp()))
+
+    def run() -> None:
+        def renames(conn: Any, closure: Closure | None) -> None:
+            state = closure.state if closure else BlockState(t.method.name, closed=False)
+            registry = Registry(conn)
+
+            def body() -> None:
+                rename(conn, t.db, prev, op.res)
+                rename(conn, t.staging, t.db, op.res)
+                registry.add_copy(t.live_oid, prev, t.db, "previous", state)  # type: ignore[arg-type]
+                registry.forget_copy(t.staging_oid)  # type: ignore[arg-type]
+
+            in_transaction_retrying(conn, op, t.db, body)
+            op.res.rollback_sql = rollback_sql(op, t.method, state, prev)
+
+        try:
+            close_and_clear(op, t.method, renames)
+        except BaseException:
+            if f"{t.db} -> {prev}" not in op.res.renamed:
+                _drop_quietly(op, t.staging, t.staging_oid)
+            raise
+        op.registry.note_writes(t.staging_oid, _writes(op, t.staging_oid))  # type: ignore[arg-type]
+        op.res.previous_db = prev
+        op.res.rollback = {"db": t.db, "rollback": True}
+        op.res.log.append(
+            f'switched: "{t.db}" is the restored copy, the old one is "{prev}"; app-visible window '
+            f"{op.res.switch_window_ms} ms, {op.res.terminated_count} session(s) ended"
+        )
+
+    text = f'close and clear "{t.db}" ({t.method.name}), rename it to "{prev}" and "{t.staging}" to "{t.db}"'
+    return [Step("switch", text, run), *prune(t, "previous", req.keep_previous, planned_prune(t, "previous", prev))]
+
+
+class Replace(DumpRestore):
+    """Drop first: for hosts without room for two copies. The outage lasts the whole restore."""
+
+    name = "replace"
+
+    def after_leftover(self, t: Target, staging: Staging) -> list[Step]:
+        op = t.op
+        if t.live_oid is None:
+            return [*staging.steps(), Step("switch", f'rename "{t.staging}" to "{t.db}"', lambda: _create_live(op, t))]
+        started: list[float] = []
+
+        def drop_live() -> None:
+            started.append(time.monotonic())
+            staging.live = read_settings(op.conn, t.db)
+
+            def drop(conn: Any, _closure: Closure | None) -> None:
+                execute(conn, sql.SQL("DROP DATABASE {}").format(ident(t.db)), f'cannot drop "{t.db}"')
+
+            close_and_clear(op, t.method, drop)
+            op.registry.forget(t.live_oid)  # type: ignore[arg-type]
+            op.res.dropped.append(t.db)
+            op.res.log.append(f'dropped "{t.db}" (strategy=replace) after ending {op.res.terminated_count} session(s)')
+
+        def put_in_place() -> None:
+            _create_live(op, t)
+            op.res.switch_window_ms = int((time.monotonic() - started[0]) * 1000)
+            op.res.log.append(f'"{t.db}" restored in place; outage {op.res.switch_window_ms} ms (the whole restore)')
+
+        return [
+            Step("switch", f'close and clear "{t.db}" ({t.method.name}) and drop it', drop_live),
+            *staging.steps(),
+            Step("rename", f'rename "{t.staging}" to "{t.db}"', put_in_place),
+        ]
+
+
+class Rollback:
+    """Swap the newest previous copy we recorded back; the replaced database is kept as <db>_undone_<time>."""
+
+    def steps(self, op: Operation) -> list[Step]:
+        t = Target(op)
+        prevs = t.copies("previous")
+        if not prevs:
+            raise PgOpsError(
+                f'no previous copy of "{t.db}" recorded by pgops.dbrestore to roll back to; nothing was changed'
+            )
+        prev = prevs[0]
+        undone = free_name(op.conn, undone_name(t.db, utc_stamp()))
+        op.res.previous_db = prev.name
+        op.res.marker_before = op.registry.marker(t.live_oid)
+        back = block_method(prev.block_state.method)
+
+        def run() -> None:
+            # the previous copy is closed since it was switched out: if we die after the rename, it reopens
+            guard = BlockGuard(op.params, t.db, [s.as_string(op.conn) for s in back.open_sql(t.db, prev.block_state)])
+            try:
+                if t.live_oid is None:
+                    renames(op.conn, None)
+                else:
+                    close_and_clear(op, t.method, renames)
+            finally:
+                guard.release()
+
+        def renames(conn: Any, closure: Closure | None) -> None:
+            registry = Registry(conn)
+
+            def body() -> None:
+                if t.live_oid is not None:
+                    rename(conn, t.db, undone, op.res)
+                    registry.add_copy(t.live_oid, undone, t.db, "undone", closure.state)  # type: ignore[union-attr]
+                rename(conn, prev.name, t.db, op.res)
+                registry.forget_copy(prev.oid)
+
+            in_transaction_retrying(conn, op, t.db, body)
+            back.open(conn, t.db, prev.block_state)
+
+        def report() -> None:
+            op.res.diff = {
+                "before": {"marker": op.res.marker_before},
+                "after": {"marker": op.registry.marker(prev.oid)},
+            }
+            kept = f'the replaced one is kept as "{undone}"' if t.live_oid is not None else "nothing was replaced"
+            op.res.log.append(f'rolled back: "{t.db}" is again the copy from before the restore; {kept}')
+
+        text = f'close and clear "{t.db}", rename it to "{undone}", ' if t.live_oid is not None else ""
+        planned = planned_prune(t, "undone", undone) if t.live_oid is not None else []
+        return [
+            Step("switch", text + f'rename "{prev.name}" to "{t.db}" and reopen it', lambda: (run(), report())),
+            *prune(t, "undone", op.req.keep_previous, planned),
+        ]
+
+
+class Abort:
+    """phase=abort: drop the staged copy of a set that will not be switched."""
+
+    def steps(self, op: Operation) -> list[Step]:
+        t = Target(op)
+        if t.staging_oid is None:
+            return []
+        return [drop_leftover(t, f'staged copy; "{t.db}" is not touched')]
+
+
+class SwitchStaged:
+    """phase=switch: put the copy staged earlier in place (nothing when the live one already holds src)."""
+
+    def steps(self, op: Operation) -> list[Step]:
+        t, res = Target(op), op.res
+        res.marker_before = op.registry.marker(t.live_oid)
+        if op.req.src:
+            with DumpSource(op.req.src) as dump:
+                res.sha256 = dump.fingerprint()
+        if t.staging_oid is None:
+            if op.req.src and res.marker_before and res.marker_before["sha256"] == res.sha256:
+                res.log.append(f'"{t.db}" already holds this dump: nothing to switch')
+                return []
+            raise PgOpsError(f'nothing is staged for "{t.db}" ("{t.staging}" does not exist): run phase=stage first')
+        staged = op.registry.marker(t.staging_oid)
+        if staged is None or (op.req.src and staged["sha256"] != res.sha256):
+            raise PgOpsError(f'"{t.staging}" does not hold a verified copy of {op.req.src or "a dump"}: '
+                             "run phase=stage again")  # fmt: skip
+        res.diff = {"before": {"marker": res.marker_before}, "after": {"marker": staged}}
+        if t.live_oid is None:
+            return [Step("switch", f'rename "{t.staging}" to "{t.db}"', lambda: _create_live(op, t))]
+        return switch_steps(t)
+
+
+STRATEGIES: dict[str, type[DumpRestore]] = {cls.name: cls for cls in (Swap, Replace)}
+
+
+def plan_for(op: Operation) -> list[Step]:
+    """The steps of the request: rollback, a phase of a set, or a strategy."""
+    req = op.req
+    if req.rollback:
+        return Rollback().steps(op)
+    if req.phase == "abort":
+        return Abort().steps(op)
+    if req.phase == "switch":
+        return SwitchStaged().steps(op)
+    return STRATEGIES[req.strategy]().steps(op)
+
+
+def record_outcome(op: Operation) -> None:
+    """The record of the live database once the steps ran."""
+    op.res.marker_after = op.registry.marker(database_oid(op.conn, op.req.db))
+    if op.res.diff and op.res.steps_done:
+        op.res.diff["after"]["marker"] = op.res.marker_after

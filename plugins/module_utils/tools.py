@@ -1,0 +1,116 @@
+# Copyright: pgops.dbrestore contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+"""Running the PostgreSQL client tools (pg_restore, psql) as argument lists, never through a shell."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from typing import Any
+
+from ansible_collections.pgops.dbrestore.plugins.module_utils.postgres import PgOpsError, psycopg
+
+
+def dies_with_us(argv: list[str]) -> list[str]:
+    """Prefix setpriv --pdeathsig so a killed module leaves no orphan tool writing into staging."""
+    setpriv = shutil.which("setpriv")
+    return [setpriv, "--pdeathsig", "KILL", "--", *argv] if setpriv else argv
+
+
+def find_tool(name: str, bindir: str | None) -> str:
+    path = os.path.join(bindir, name) if bindir else shutil.which(name)
+    if not path or not os.access(path, os.X_OK):
+        where = f"in {bindir}" if bindir else "on PATH"
+        raise PgOpsError(f"{name} not found {where}: install the PostgreSQL client tools or set bindir")
+    return path
+
+
+def tail(text: str, lines: int = 3) -> str:
+    useful = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    return " | ".join(useful[-lines:]) or "no error output"
+
+
+def run_tool(argv: list[str], env: dict[str, str], feed: Any = None, pass_fds: tuple[int, ...] = ()) -> None:
+    """Run a client tool as an argv list; feed (an iterator of bytes) goes to its stdin."""
+    with tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(
+            dies_with_us(argv),
+            stdin=subprocess.PIPE if feed is not None else subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+            env=env,
+            pass_fds=pass_fds,
+        )
+        feed_error: PgOpsError | None = None
+        if feed is not None:
+            try:
+                for chunk in feed:
+                    proc.stdin.write(chunk)  # type: ignore[union-attr]
+            except BrokenPipeError:
+                pass  # the tool stopped on an error: its exit status and stderr tell why
+            except PgOpsError as exc:
+                feed_error = exc
+                proc.kill()
+            finally:
+                try:
+                    proc.stdin.close()  # type: ignore[union-attr]
+                except BrokenPipeError:
+                    pass
+        code = proc.wait()
+        err.seek(0)
+        message = err.read().decode(errors="replace")
+    if feed_error is not None:  # the real cause: the tool was stopped because its input failed
+        raise feed_error
+    if code != 0:
+        raise PgOpsError(f"{os.path.basename(argv[0])} exited with {code}: {tail(message)}")
+
+
+class ToolOutput:
+    """stdout of a producing tool (pg_restore -f -) as a stream; its exit status is checked at the end."""
+
+    def __init__(self, argv: list[str], env: dict[str, str], pass_fds: tuple[int, ...] = ()) -> None:
+        self.argv = argv
+        self.err = tempfile.TemporaryFile()
+        self.proc = subprocess.Popen(dies_with_us(argv), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                     stderr=self.err, env=env, pass_fds=pass_fds)  # fmt: skip
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.proc.stdout.read(n)  # type: ignore[union-attr]
+        if not data and self.proc.wait() != 0:
+            self.err.seek(0)
+            message = self.err.read().decode(errors="replace")
+            raise PgOpsError(f"{os.path.basename(self.argv[0])} exited with {self.proc.returncode}: {tail(message)}")
+        return data
+
+    def __enter__(self) -> ToolOutput:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.proc.kill()
+        self.proc.wait()
+        self.proc.stdout.close()  # type: ignore[union-attr]
+        self.err.close()
+
+
+def tool_version(path: str) -> tuple[int, int]:
+    """(major, minor) of a client tool, from "pg_restore (PostgreSQL) 18.6"; (0, 0) when unknown."""
+    out = subprocess.run([path, "--version"], capture_output=True, text=True, check=False).stdout
+    m = re.search(r"\b(\d+)(?:\.(\d+))?", out.split(")")[-1])
+    return (int(m.group(1)), int(m.group(2) or 0)) if m else (0, 0)
+
+
+# the first minor release of each major whose psql has \restrict (refuses meta-commands from a script)
+_RESTRICT_SINCE = {13: 22, 14: 19, 15: 14, 16: 10, 17: 6}
+
+
+def has_restrict(version: tuple[int, int]) -> bool:
+    major, minor = version
+    return major >= 18 or minor >= _RESTRICT_SINCE.get(major, 1000)
+
+
+def conninfo_for(dbname: str) -> str:
+    """-d value naming only the database: a name with "=" must never be read as a connection string."""
+    return psycopg.conninfo.make_conninfo(dbname=dbname)
