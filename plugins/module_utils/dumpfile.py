@@ -65,7 +65,7 @@ class DumpSource:
         except BaseException:
             self.close()
             raise
-        self.size = sum(size for _name, size, *_ in self.identity)
+        self.size = sum(size for _name, _ino, size, *_ in self.identity)
 
     # --- identity and format ----------------------------------------------------------------
 
@@ -73,17 +73,27 @@ class DumpSource:
         """File names of a directory dump, in name order (empty for a file)."""
         return sorted(os.listdir(self.fd)) if self.is_dir else []
 
-    def _identity(self) -> list[tuple[str, int, int, int]]:
-        def ident(st: os.stat_result, name: str) -> tuple[str, int, int, int]:
-            return (name, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    def _identity(self) -> list[tuple[str, int, int, int, int]]:
+        """(name, inode, size, mtime, ctime) of the file, or of each file of a directory dump."""
+
+        def ident(st: os.stat_result, name: str) -> tuple[str, int, int, int, int]:
+            return (name, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
         if not self.is_dir:
             return [ident(os.fstat(self.fd), "")]
         return [ident(os.stat(n, dir_fd=self.fd, follow_symlinks=False), n) for n in self.members()]
 
-    def unchanged(self) -> None:
-        """Fail if the dump was written to since it was opened (size, mtime or ctime differ)."""
-        if self._identity() != self.identity:
+    def unchanged(self, sha256: str) -> None:
+        """Fail if what was loaded may differ from what was hashed.
+
+        Size, mtime or (for a directory dump) a member's inode differ: changed. Only the ctime
+        differs (the file was renamed over or touched, or written with its mtime put back): the
+        bytes are hashed again.
+        """
+        now = self._identity()
+        if [i[:4] for i in now] != [i[:4] for i in self.identity] or (
+            now != self.identity and self.fingerprint() != sha256
+        ):
             raise PgOpsError(
                 f"dump {self.path!r} changed while it was being restored: restore it again when it is complete"
             )

@@ -20,8 +20,8 @@ from typing import Any
 from ansible_collections.pgops.dbrestore.plugins.module_utils.postgres import ConnParams, connect, server_info
 from ansible_collections.pgops.dbrestore.plugins.module_utils.registry import Registry, acquire_lock
 
-# Test-only: "<step>:<file>" makes the process write its pid to <file> and stop itself (SIGSTOP)
-# right before that step, so a test can kill it at a named point instead of racing a sleep.
+# Test-only: "<point>:<file>" makes the process write its pid to <file> and stop itself (SIGSTOP)
+# at that point (a step's name: right before it), so a test kills it there instead of racing a sleep.
 PAUSE_ENV = "PGOPS_DBRESTORE_PAUSE_BEFORE"
 
 
@@ -101,7 +101,7 @@ class Operation:
                 self.res.log.append("check mode: would " + "; ".join(self.res.plan))
             return
         for step in steps:
-            _pause_if_asked(step.name)
+            pause_point(step.name)
             try:
                 with self.phase(step.name):
                     step.run()
@@ -117,10 +117,11 @@ class Operation:
         self.conn.close()  # releases the advisory lock
 
 
-def _pause_if_asked(step: str) -> None:
+def pause_point(point: str) -> None:
+    """Stop here if a test asked for this point (before each step, and a few points inside steps)."""
     wanted = os.environ.get(PAUSE_ENV, "")
     name, _sep, path = wanted.partition(":")
-    if name == step and path:
+    if name == point and path:
         with open(path, "w") as f:
             f.write(str(os.getpid()))
         os.kill(os.getpid(), signal.SIGSTOP)

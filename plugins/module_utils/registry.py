@@ -149,11 +149,6 @@ class Registry:
             (oid, datname, of_db, kind, state.to_json()),
         )  # fmt: skip
 
-    def note_writes(self, oid: int, writes: int | None) -> None:
-        """The row-change counter of a freshly switched-in copy: later, more means the app wrote to it."""
-        execute(self.conn, sql.SQL("UPDATE {} SET writes = %s WHERE datoid = %s").format(_table("restored")),
-                "cannot record the restore", (writes, oid))  # fmt: skip
-
     def forget_copy(self, oid: int) -> None:
         """The database is no longer a copy (it became the live one); its restore record stays."""
         if self._usable():

@@ -42,7 +42,7 @@ from ansible_collections.pgops.dbrestore.plugins.module_utils.load import (
     restore_into,
     verify,
 )
-from ansible_collections.pgops.dbrestore.plugins.module_utils.operation import Operation, Step
+from ansible_collections.pgops.dbrestore.plugins.module_utils.operation import Operation, Step, pause_point
 from ansible_collections.pgops.dbrestore.plugins.module_utils.postgres import (
     OBJECT_IN_USE,
     PgOpsError,
@@ -145,7 +145,7 @@ class Staging:
         op, t, req = self.t.op, self.t, self.t.op.req
         opts = LoadOptions(bindir=req.bindir, jobs=req.load_jobs, tool_args=req.tool_args)
         op.res.stripped_statements = restore_into(op.params, op.info, t.staging, self.dump, opts)
-        self.dump.unchanged()
+        self.dump.unchanged(op.res.sha256)
         op.res.log.append(f'restored the {self.dump.format} dump into "{t.staging}"')
 
     def _verify(self) -> None:
@@ -156,7 +156,8 @@ class Staging:
         owner = req.owner or (self.live.owner if self.live else op.info.current_user)
         verify(op.params, t.staging, req.verify_query, owner, req.analyze)
         marker = {"sha256": op.res.sha256, "format": self.dump.format, "size": self.dump.size,
-                  "src": os.path.basename(self.dump.path.rstrip("/"))}  # fmt: skip
+                  "src": os.path.basename(self.dump.path.rstrip("/")),
+                  "writes": settled_writes(op, t.staging_oid, t.staging)}  # fmt: skip
         op.registry.write_marker(t.staging_oid, t.staging, marker)  # type: ignore[arg-type]
         if self.live is not None:
             op.res.log += [f"carried over: {s}" for s in apply_settings(op.conn, t.staging, self.live, req.owner)]
@@ -320,10 +321,23 @@ def _already_holds(op: Operation, t: Target) -> str:
 
 
 def _writes(op: Operation, oid: int | None) -> int | None:
+    """Rows written to the database so far by the statistics; None before 15, whose counters arrive late."""
+    if op.info.version_num < 150000:
+        return None
     row = op.conn.execute(
         "SELECT tup_inserted + tup_updated + tup_deleted FROM pg_catalog.pg_stat_database WHERE datid = %s", (oid,)
     ).fetchone()
     return int(row[0]) if row and row[0] is not None else None
+
+
+def settled_writes(op: Operation, oid: int, name: str) -> int | None:
+    """_writes once every session on the database is gone: a backend reports its counts as it exits."""
+    deadline = time.monotonic() + 10
+    while op.conn.execute("SELECT count(*) FROM pg_catalog.pg_stat_activity WHERE datname = %s", (name,)).fetchone()[0]:
+        if time.monotonic() > deadline:
+            return None
+        time.sleep(0.02)
+    return _writes(op, oid)
 
 
 def _sizes(op: Operation, t: Target) -> None:
@@ -366,7 +380,6 @@ def _create_live(op: Operation, t: Target) -> None:
         op.registry.forget_copy(t.staging_oid)  # type: ignore[arg-type]
 
     in_transaction_retrying(op.conn, op, t.db, body)
-    op.registry.note_writes(t.staging_oid, _writes(op, t.staging_oid))  # type: ignore[arg-type]
     op.res.log.append(f'"{t.db}" did not exist: created it from the dump')
 
 
@@ -387,6 +400,7 @@ def switch_steps(t: Target) -> list[Step]:
                 registry.forget_copy(t.staging_oid)  # type: ignore[arg-type]
 
             in_transaction_retrying(conn, op, t.db, body)
+            pause_point("switched")  # renamed, the old copy still closed
             op.res.rollback_sql = rollback_sql(op, t.method, state, prev)
 
         try:
@@ -395,7 +409,6 @@ def switch_steps(t: Target) -> list[Step]:
             if f"{t.db} -> {prev}" not in op.res.renamed:
                 _drop_quietly(op, t.staging, t.staging_oid)
             raise
-        op.registry.note_writes(t.staging_oid, _writes(op, t.staging_oid))  # type: ignore[arg-type]
         op.res.previous_db = prev
         op.res.rollback = {"db": t.db, "rollback": True}
         op.res.log.append(
@@ -480,6 +493,7 @@ class Rollback:
                 registry.forget_copy(prev.oid)
 
             in_transaction_retrying(conn, op, t.db, body)
+            pause_point("rolled-back")  # renamed, not yet reopened: the guard's moment
             back.open(conn, t.db, prev.block_state)
 
         def report() -> None:
