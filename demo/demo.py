@@ -90,11 +90,14 @@ def main() -> None:
             if checked.returncode != 0 or prev[0] not in checked.stdout:
                 print(checked.stdout, checked.stderr)
                 raise SystemExit("demo failed: the rollback command does not work in check mode")
-        window = re.search(r"switch window (\d+) ms, (\d+) session", proc.stdout)
+        # the role's report: "switch window 232 ms, 16 session(s) ended" or "... window 232 ms: 16 session(s) ended"
+        window = re.search(r"window (\d+) ms[,:] (\d+) session", proc.stdout)
         print("== summary")
         print(f"   invoice lines in hoge_db now: {lines} (restored from the nightly dump)")
         if window:
             print(f"   switch window: {window.group(1)} ms; sessions ended: {window.group(2)}")
+        else:
+            print("   switch window: not found in the playbook's report above")
         print(f"   longest gap any app client saw: {gap * 1000:.0f} ms; connections ended under clients: {broken}")
         print(f"   previous copy kept: {', '.join(prev)}")
         print(f"   roll back (run with --check just now; it would swap {prev[0]} back):")

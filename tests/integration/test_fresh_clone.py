@@ -8,6 +8,7 @@ clone creates its own .venv (pip reuses its download cache) and needs nothing be
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -55,6 +56,7 @@ def test_make_demo_in_a_fresh_clone_in_a_private_directory(tmp_path: Path):
     assert venv_python.exists() and not (clone / ".venv").is_symlink()
     assert "$ .venv/bin/ansible-playbook -i " in out and " playbooks/restore.yml -e db=hoge_db\n" in out
     assert "invoice lines in hoge_db now: 2240 (restored from the nightly dump)" in out
+    assert re.search(r"\n   switch window: \d+ ms; sessions ended: \d+\n", out), out[-3000:]
     assert "roll back (run with --check just now; it would swap hoge_db_prev_" in out
     assert "playbooks/rollback.yml -e db=hoge_db\n" in out
     assert "Demo finished: hoge_db was restored under a live, reconnecting app" in out
