@@ -33,7 +33,15 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         if metafunc.definition.get_closest_marker("newest_major"):
             majors = [max(majors)]
         if metafunc.definition.get_closest_marker("restore_majors"):
-            majors = [m for m in majors if m in RESTORE_MAJORS] or [max(majors)]
+            chosen = [m for m in majors if m in RESTORE_MAJORS]
+            if not chosen:  # never silently run on a major nobody selected, nor skip the suite quietly
+                raise pytest.UsageError(
+                    f"PGOPS_TEST_MAJORS={' '.join(map(str, majors))} selects none of the majors the restore suite "
+                    f"runs on ({' '.join(map(str, RESTORE_MAJORS))}; RESTORE_MAJORS in tests/conftest.py), so "
+                    f"{metafunc.definition.nodeid} would have nothing to run on: add one of them to "
+                    "PGOPS_TEST_MAJORS, or deselect the restore tests"
+                )
+            majors = chosen
         metafunc.parametrize("pg", majors, indirect=True, scope="session", ids=lambda m: f"pg{m}")
 
 

@@ -18,10 +18,12 @@ import psycopg
 class ClientStats:
     connects: int = 0
     failed_connects: int = 0
+    last_connect_error: str = ""  # why the latest failed connection attempt failed
     queries: int = 0
     broken: int = 0  # connections ended under the client (terminated, server gone)
     last_ok: float = 0.0
     longest_gap: float = 0.0  # seconds between two successful queries, the app-visible outage
+    connected: bool = False  # holds an open connection right now
 
 
 @dataclass
@@ -56,23 +58,42 @@ class Storm:
             t.join(timeout=10)
 
     def wait_connected(self, at_least: int | None = None, timeout: float = 30) -> None:
-        """Wait until this many clients are connected at once (default: all)."""
+        """Wait until this many clients hold a connection at the same moment (default: all)."""
         need = self.clients if at_least is None else at_least
+        self._wait(lambda: sum(1 for s in self.stats if s.connected), need, "connected", timeout)
+
+    def connects_now(self) -> list[int]:
+        """Each client's count of successful connections so far, for wait_reconnected."""
+        return [s.connects for s in self.stats]
+
+    def wait_reconnected(self, since: list[int], at_least: int | None = None, timeout: float = 30) -> None:
+        """Wait until this many clients (default: all) connected again after the moment `since` was taken
+        (connects_now()) and hold that connection: a connection from before does not count."""
+        need = self.clients if at_least is None else at_least
+
+        def count() -> int:
+            return sum(1 for s, before in zip(self.stats, since, strict=True) if s.connects > before and s.connected)
+
+        self._wait(count, need, "reconnected", timeout)
+
+    def _wait(self, count, need: int, what: str, timeout: float) -> None:
         deadline = time.monotonic() + timeout
-        while sum(1 for s in self.stats if s.connects > 0) < need:
+        while count() < need:
             if time.monotonic() > deadline:
-                raise TimeoutError(f"only {sum(1 for s in self.stats if s.connects)} of {need} clients connected")
-            time.sleep(0.05)
+                raise TimeoutError(f"only {count()} of {need} clients {what}")
+            time.sleep(0.02)
 
     def _run(self, st: ClientStats, name: str) -> None:
         while not self._stop.is_set():
             try:
                 conn = psycopg.connect(autocommit=True, application_name=name, connect_timeout=5, **self.conninfo)
-            except psycopg.Error:
+            except psycopg.Error as exc:
                 st.failed_connects += 1
+                st.last_connect_error = str(exc)
                 time.sleep(0.001)
                 continue
             st.connects += 1
+            st.connected = True
             try:
                 with conn:
                     while not self._stop.is_set():
@@ -85,6 +106,8 @@ class Storm:
                         time.sleep(self.interval)
             except psycopg.Error:
                 st.broken += 1
+            finally:
+                st.connected = False
 
     @property
     def total_connects(self) -> int:
