@@ -128,7 +128,8 @@ def test_plain_dump_with_backslash_lines_in_quoted_text_loads(pg: PgServer, live
     pg.sql(f"CREATE DATABASE {src_db}")
     try:
         pg.sql(
-            "CREATE FUNCTION public.digits(t text) RETURNS text LANGUAGE sql AS $f$SELECT substring(t from '\n"
+            # (?x): blanks, the newline included, do not count in the pattern
+            "CREATE FUNCTION public.digits(t text) RETURNS text LANGUAGE sql AS $f$SELECT substring(t from '(?x)\n"
             "\\d+')$f$",
             dbname=src_db,
         )
@@ -139,6 +140,22 @@ def test_plain_dump_with_backslash_lines_in_quoted_text_loads(pg: PgServer, live
         assert res.changed and pg.sql("SELECT d FROM public.sample", dbname=live_db) == [("42",)]
     finally:
         drop_database(pg, src_db)
+
+
+def test_plain_dump_meta_command_never_runs(pg: PgServer, dumps, live_db: str, tmp_path: Path):
+    """A psql meta-command planted in a plain dump (\\! runs a shell command) is refused, not run."""
+    pwned = tmp_path / "pwned"
+    lines = dumps["chinook"]["plain"].read_text().splitlines(keepends=True)
+    at = next(i for i, ln in enumerate(lines) if ln.startswith("CREATE TABLE"))
+    planted = tmp_path / "planted.sql"
+    planted.write_text("".join([*lines[:at], f"\\! touch {pwned}\n", *lines[at:]]))
+    before, dbs = fingerprint_db(pg, live_db), databases(pg)
+    with pytest.raises(PgOpsError, match=r"psql exited with 3: .*backslash commands are restricted") as err:
+        restore(pg, live_db, planted)
+    assert f"psql:<stdin>:{at + 1}: error" in str(err.value), "the error does not name the dump's line"
+    assert not pwned.exists(), "the dump ran a shell command"
+    assert err.value.details["changed"] is False
+    assert fingerprint_db(pg, live_db) == before and databases(pg) == dbs
 
 
 # --- failures: the live database is never lost, and the error tells what was done -----------------
