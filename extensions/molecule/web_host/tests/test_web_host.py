@@ -170,6 +170,56 @@ def test_unit_and_config(host):
     wait_serving(host)
 
 
+# DATABASE_URL's password (inventory/group_vars/all.yml): it must reach the app, and nobody else.
+SECRET = "app-test-only"
+
+
+def test_environment_is_root_only(host):
+    """The unit names a root-only EnvironmentFile; no file another user can read holds the secret."""
+    unit = host.file("/etc/systemd/system/app.service")
+    assert unit.mode == 0o644
+    assert "EnvironmentFile=/etc/app/app.env\n" in unit.content_string
+    assert SECRET not in unit.content_string
+    env = host.file("/etc/app/app.env")
+    assert (env.user, env.group, env.mode) == ("root", "root", 0o600)
+    assert f'DATABASE_URL="postgres://hoge_app:{SECRET}@pgops-web-db1/hoge_db"\n' in env.content_string
+    # what any local user can read: files anywhere (the unit's EnvironmentFile= line is the
+    # control: the search does read what nobody may read), and the unit's properties over D-Bus
+    found = host.run(
+        "runuser -u nobody -- grep -rlsF -e %s -e %s /etc /srv /run /var /usr /tmp /home /opt /root",
+        SECRET,
+        "EnvironmentFile=/etc/app/app.env",
+    )
+    assert found.stdout.splitlines() == ["/etc/systemd/system/app.service"], found.stdout
+    shown = host.run("runuser -u nobody -- systemctl show app")
+    assert shown.rc == 0 and "EnvironmentFiles=/etc/app/app.env" in shown.stdout
+    assert SECRET not in shown.stdout
+    # ... while the app server got its environment (read as the app user: root in the container
+    # may not read another user's /proc/<pid>/environ)
+    master = host.check_output("systemctl show -P MainPID app")
+    environ = host.check_output("runuser -u app -- cat /proc/%s/environ", master).split("\0")
+    assert f"DATABASE_URL=postgres://hoge_app:{SECRET}@pgops-web-db1/hoge_db" in environ
+    assert "APP_TABLE=public.artist" in environ
+    assert "APP_QUOTING_CHECK=a \"b\" $HOME `id` c\\d # e 'f'" in environ
+    assert host.user("app").uid == int(host.check_output("stat -c %%u /proc/%s", master))
+    wait_serving(host)
+
+
+def test_diff_and_verbose_runs_print_no_secret(host):
+    """A changed secret under --check --diff -v: the environment file changes, its content is not shown."""
+    other = "diff-secret-test-only"
+    env = {"DATABASE_URL": f"postgres://hoge_app:{other}@pgops-web-db1/hoge_db", "APP_TABLE": "public.artist"}
+    before = host.file("/etc/app/app.env").sha256sum
+    res = playbook(
+        SCENARIO_DIR / "apply.yml", "--check", "--diff", "-v", "-e", json.dumps({"web_host_environment": env})
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert re.search(r"TASK \[[^]]*Write the app server's environment file[^\n]*\n+changed: ", res.stdout), res.stdout
+    assert other not in res.stdout + res.stderr
+    assert SECRET not in res.stdout + res.stderr
+    assert host.file("/etc/app/app.env").sha256sum == before
+
+
 def test_reload_is_zero_downtime(host):
     """systemctl reload re-execs unicorn (new master) without a failed request."""
     master = host.check_output("systemctl show -P MainPID app")
