@@ -12,6 +12,7 @@ rollback, the web trigger, the restart fallback and the multi-database set.
 
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -84,6 +85,11 @@ def run_playbook(playbook, *extra):
         "ANSIBLE_COLLECTIONS_PATH": str(REPO / ".cache" / "collections"),
     }
     return subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, check=False)
+
+
+def run_scenario_playbook(playbook, *extra):
+    """Run one of this scenario's own playbooks against its inventory."""
+    return run_playbook(str(SCENARIO_DIR / playbook), *extra)
 
 
 def client_log(web):
@@ -190,20 +196,28 @@ def test_rollback_restores_the_old_rows(host, dump_counts):
 # --- web trigger ------------------------------------------------------------------------------
 
 
-# what the web app runs, as docs/web-trigger.md shows it
-APP_COMMAND = "sudo -n /usr/local/sbin/pgops-restore hoge_db"
+# what the web app runs, as docs/web-trigger.md shows it: as postgres, never as root
+APP_COMMAND = "sudo -n -u postgres /usr/local/sbin/pgops-restore hoge_db"
+AS_POSTGRES = ["-u", "postgres"]
+TRIGGER_CONFIG = "/etc/pgops-restore.json"
+TRIGGER_LIB = "/usr/local/lib/pgops-dbrestore/ansible_collections/pgops/dbrestore/plugins/module_utils"
 
 
 def test_web_trigger_restores_for_the_app_user(host, dump_counts):
     assert shlex.split(APP_COMMAND)[:2] == ["sudo", "-n"]
     result = sudo_as(host, "webapp", *shlex.split(APP_COMMAND)[2:])
     assert result.rc == 0, result.stdout + result.stderr
-    answer = json.loads(result.stdout.strip().splitlines()[-1])
+    assert result.stderr == ""
+    answer = json.loads(result.stdout)  # exactly one JSON line
     assert answer["ok"] is True
     assert answer["changed"] is True
     assert answer["db"] == "hoge_db"
     assert answer["previous_db"].startswith("hoge_db_prev_")
     assert counts(host, "hoge_db") == dump_counts
+    # sudo ran it as postgres, which logged in over the unix socket by peer authentication
+    journal = host.check_output("journalctl -q --no-pager -t sudo --since -5min")
+    assert "USER=postgres ; COMMAND=/usr/local/sbin/pgops-restore hoge_db" in journal
+    assert psql(host, "hoge_db", "SELECT restored_by FROM pgops_dbrestore.restore_marker") == "postgres"
 
 
 @pytest.mark.parametrize(
@@ -226,8 +240,9 @@ def test_web_trigger_restores_for_the_app_user(host, dump_counts):
 )
 def test_web_trigger_refuses_bad_requests(host, argv):
     before = snapshot(host)
-    result = sudo_as(host, "webapp", TRIGGER, *argv)
-    assert result.rc != 0
+    result = sudo_as(host, "webapp", *AS_POSTGRES, TRIGGER, *argv)
+    assert result.rc == 1
+    assert "a password is required" in result.stderr
     assert snapshot(host) == before
 
 
@@ -240,15 +255,57 @@ def test_web_trigger_refuses_bad_requests(host, argv):
         ["hoge_db", "hoge_db;id"],
         ["hoge_db", "--force"],
         ["hoge_db", "a", "b"],
+        ["hoge_db", "hoge_db.outside.dump"],  # a link out of the backup directory
+        ["hoge_db", "hoge_db.dangling.dump"],
+        ["hoge_db", "hoge_db.chinook.dump.sha256"],
+        ["hoge_db", "shard1.base.dump"],  # another database's dump
     ],
     ids=" ".join,
 )
-def test_web_trigger_command_itself_refuses(host, argv):
-    """Even past sudo (run by root), the command validates its arguments: exit 2, nothing changed."""
+def test_web_trigger_command_itself_refuses(host, argv, hostile_dumps):
+    """Even past sudo (run as postgres directly), the command validates its arguments: exit 2, one JSON line."""
     before = snapshot(host)
-    result = host.run(" ".join(["%s"] * (len(argv) + 1)), TRIGGER, *argv)
+    result = host.run(" ".join(["%s"] * (len(argv) + 5)), "runuser", "-u", "postgres", "--", TRIGGER, *argv)
     assert result.rc == 2, result.stdout + result.stderr
+    assert result.stderr == ""
     assert json.loads(result.stdout)["ok"] is False
+    assert snapshot(host) == before
+
+
+@pytest.fixture
+def hostile_dumps(host):
+    """What whoever writes the backup directory could leave there, all newer than the real dump."""
+    names = {
+        "hoge_db.outside.dump": "/var/lib/postgresql/outside.dump",
+        "hoge_db.dangling.dump": "/var/backups/postgresql/nothing-here",
+    }
+    host.check_output("cp -p %s /var/lib/postgresql/outside.dump", DUMP)
+    for link, target in names.items():
+        host.check_output("ln -sfn %s %s", target, f"/var/backups/postgresql/{link}")
+    host.check_output("cp -p %s %s", DUMP, f"{DUMP}.sha256")
+    host.check_output("touch %s /var/lib/postgresql/outside.dump", f"{DUMP}.sha256")
+    host.check_output("touch -d '1 hour ago' %s", DUMP)
+    yield
+    links = [f"/var/backups/postgresql/{link}" for link in names]
+    host.check_output("rm -f %s %s %s /var/lib/postgresql/outside.dump", *links, f"{DUMP}.sha256")
+
+
+def test_web_trigger_default_choice_skips_hostile_entries(host, hostile_dumps, dump_counts):
+    """Newer links out of the directory, dangling links and checksum files are passed over (the
+    real dump is already restored, so this run is a no-op that names the dump it chose)."""
+    result = sudo_as(host, "webapp", *shlex.split(APP_COMMAND)[2:])
+    answer = json.loads(result.stdout)
+    assert answer["dump"] == "hoge_db.chinook.dump", answer
+    assert result.rc == 0 and answer["changed"] is False, answer
+    assert counts(host, "hoge_db") == dump_counts
+
+
+def test_web_trigger_never_runs_as_root(host):
+    before = snapshot(host)
+    result = host.run("%s hoge_db", TRIGGER)
+    assert result.rc == 5, result.stdout + result.stderr
+    assert result.stderr == ""
+    assert "sudo -n -u postgres" in json.loads(result.stdout)["error"]
     assert snapshot(host) == before
 
 
@@ -256,7 +313,8 @@ def test_web_trigger_command_itself_refuses(host, argv):
     "argv",
     [
         ["-u", "postgres", "psql", "-c", "SELECT 1"],
-        ["-u", "postgres", TRIGGER, "hoge_db"],
+        [TRIGGER, "hoge_db"],  # the right command as root
+        ["-u", "root", TRIGGER, "hoge_db"],
         ["/bin/sh", "-c", "id"],
         ["/usr/bin/systemctl", "restart", "postgresql"],
         ["-e", "/etc/pgops-restore.json"],
@@ -273,10 +331,42 @@ def test_app_user_may_run_nothing_else(host, argv):
 def test_app_user_sudo_listing(host):
     out = host.check_output("COLUMNS=500 sudo -ll -U webapp")
     assert out.count("Sudoers entry:") == 1, out
-    assert "RunAsUsers: root\n" in out
+    assert "RunAsUsers: postgres\n" in out
     listed = [line.strip() for line in out.split("Commands:\n", 1)[1].splitlines() if line.strip()]
     assert listed == [f"{TRIGGER} hoge_db"]
-    assert host.file("/etc/pgops-restore.json").mode == 0o600
+
+
+def test_web_trigger_files_belong_to_root_but_the_config(host):
+    config = host.file(TRIGGER_CONFIG)
+    assert (config.user, config.mode) == ("postgres", 0o600)
+    etc = host.file("/etc")
+    assert etc.user == "root" and not etc.mode & 0o022
+    assert "login_password" not in host.check_output("cat %s", TRIGGER_CONFIG)  # peer authentication
+    # the whole module_utils package, whatever files it is made of, root's and read-only to others
+    for source in (REPO / "plugins" / "module_utils").glob("*.py"):
+        assert host.file(f"{TRIGGER_LIB}/{source.name}").is_file, source.name
+    writable = host.check_output(
+        "find /usr/local/lib/pgops-dbrestore %s \\( ! -user root -o -perm /022 \\) -print", TRIGGER
+    )
+    assert writable == ""
+    for package in ("", "/pgops", "/pgops/dbrestore", "/pgops/dbrestore/plugins"):
+        assert host.file(f"/usr/local/lib/pgops-dbrestore/ansible_collections{package}/__init__.py").exists
+
+
+def test_web_trigger_diff_prints_no_password(host):
+    """A configuration change under --check --diff -v: reported as changed, its content not shown."""
+    secret = "diff-secret-test-only"
+    before = host.file(TRIGGER_CONFIG).sha256sum
+    result = run_scenario_playbook(
+        "web_trigger.yml",
+        "--check", "--diff", "-v",
+        "-e", json.dumps({"restore_web_trigger_connection": {"login_password": secret}}),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout
+    assert re.search(r"TASK \[[^]]*Write its configuration[^\n]*\n+changed: ", result.stdout), result.stdout
+    assert secret not in result.stdout
+    assert "admin-test-only" not in result.stdout
+    assert host.file(TRIGGER_CONFIG).sha256sum == before
 
 
 # --- restart fallback -------------------------------------------------------------------------
