@@ -117,7 +117,8 @@ class RevokeConnect(BlockMethod):
 
     def close_sql(self, db: str, state: BlockState) -> list[Any]:
         return [
-            sql.SQL("REVOKE CONNECT ON DATABASE {} FROM {}").format(ident(db), _grantee(g)) for g, _ in state.grants
+            sql.SQL("REVOKE CONNECT ON DATABASE {} FROM {}").format(ident(db), _grantee(g))
+            for g, _grantable in state.grants
         ]
 
     def open_sql(self, db: str, state: BlockState) -> list[Any]:

@@ -39,7 +39,6 @@ _CONNECT = re.compile(r"^\s*\\(c|connect)(\s|$)")
 _COPY_FROM_STDIN = re.compile(r"^\s*COPY\s.*\bFROM\s+stdin\b.*;\s*$", re.IGNORECASE)
 # pg_dump 17.6+ wraps plain dumps in \restrict KEY … \unrestrict KEY; we put our own key around the whole load
 _RESTRICT = re.compile(r"^\s*\\(restrict|unrestrict)(\s|$)")
-_META = re.compile(r"^\s*\\")
 
 
 class DumpSource:
@@ -65,7 +64,7 @@ class DumpSource:
         except BaseException:
             self.close()
             raise
-        self.size = sum(size for _name, _ino, size, *_ in self.identity)
+        self.size = sum(entry[2] for entry in self.identity)  # (name, inode, size, ...)
 
     # --- identity and format ----------------------------------------------------------------
 
@@ -131,6 +130,18 @@ class DumpSource:
     @property
     def is_archive(self) -> bool:
         return self.format in ARCHIVE_FORMATS
+
+    def archive_version(self) -> tuple[int, int]:
+        """The archive format version of a custom, directory or tar dump (1.16 for pg_dump 17 and 18)."""
+        if self.is_dir:
+            fd = os.open("toc.dat", os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0), dir_fd=self.fd)
+            try:
+                head = os.pread(fd, 8, 0)
+            finally:
+                os.close(fd)
+        else:  # a tar dump's first member, toc.dat, starts after its 512-byte header
+            head = os.pread(self.fd, 8, 512 if self.format == "tar" else 0)
+        return (head[5], head[6]) if head.startswith(b"PGDMP") and len(head) >= 7 else (0, 0)
 
     # --- reading ----------------------------------------------------------------------------
 
@@ -260,10 +271,12 @@ class PlainFilter:
     restrict_key: str = ""
     dropped: list[str] = field(default_factory=list)
     in_comment: bool = False  # inside a /* ... */ block, where "Drop database" is prose
-    line_no: int = 0
 
     def lines(self, stream: IO[bytes] | _ProcessStream) -> Iterator[bytes]:
-        """The lines to load; a psql meta-command other than what a pg_dump plain dump holds is refused."""
+        """The lines to load, behind our \\restrict key: psql then refuses (and stops on) any meta-command in them.
+
+        psql, not this filter, decides what is a meta-command: only it knows where quoted text ends.
+        """
         if self.restrict_key:
             yield f"\\restrict {self.restrict_key}\n".encode()
         in_copy = False
@@ -290,7 +303,6 @@ class PlainFilter:
             stream.check()
 
     def _step(self, raw: bytes, in_copy: bool) -> tuple[bool, bool]:
-        self.line_no += 1
         if in_copy:  # COPY data, up to its terminator: data, never commands
             return raw.rstrip(b"\r") != b"\\.", True
         text = raw.decode("utf-8", errors="replace")
@@ -312,9 +324,4 @@ class PlainFilter:
             return False, False
         if _RESTRICT.match(text):  # replaced by our own key, which the dump cannot know
             return False, False
-        if _META.match(text):
-            raise PgOpsError(
-                f"the plain dump runs a psql meta-command on line {self.line_no} ({text.strip()[:40]!r}); "
-                "pg_dump writes none but \\connect and \\restrict: refusing to load it"
-            )
         return False, True

@@ -217,7 +217,7 @@ def acquire_lock(conn: Any, db: str, timeout: float) -> list[str]:
         got = conn.execute("SELECT pg_catalog.pg_try_advisory_lock(%s, pg_catalog.hashtext(%s))", (LOCK_CLASS, db))
         mine = bool(got.fetchone()[0])
         holders = _holders(conn, db)
-        rivals = [pid for pid, privileged, _ in holders if privileged]
+        rivals = [pid for pid, privileged, _here in holders if privileged]
         if mine and not rivals:
             return warnings
         if mine:  # a restore of the same database through another maintenance database

@@ -51,6 +51,7 @@ from ansible_collections.pgops.dbrestore.plugins.module_utils.postgres import (
     ident,
     sql,
 )
+from ansible_collections.pgops.dbrestore.plugins.module_utils.preflight import Preflight, choose_bindir
 from ansible_collections.pgops.dbrestore.plugins.module_utils.registry import Copy, Registry
 from ansible_collections.pgops.dbrestore.plugins.module_utils.sessions import (
     ClearRequest,
@@ -86,6 +87,15 @@ class Target:
                 "login role and no record of ours names it); nothing was changed: rename or drop it, then run again"
             )
         self.method = best_method(op.info, op.req.block_new_connections)
+        self.bindir = op.req.bindir  # or a newer installed client, when the dump needs one
+
+    def preflight(self) -> Preflight:
+        """The checks every path that switches the live database needs."""
+        req = self.op.req
+        checks = Preflight(self.op.conn, self.op.info).can_record(self.op.registry.exists)
+        if self.live_oid is not None:
+            checks.can_switch(self.db, req.fallback, req.restart)
+        return checks
 
     def _ours(self, oid: int) -> bool:
         row = self.op.conn.execute(
@@ -143,7 +153,7 @@ class Staging:
 
     def _run_load(self) -> None:
         op, t, req = self.t.op, self.t, self.t.op.req
-        opts = LoadOptions(bindir=req.bindir, jobs=req.load_jobs, tool_args=req.tool_args)
+        opts = LoadOptions(bindir=t.bindir, jobs=req.load_jobs, tool_args=req.tool_args)
         op.res.stripped_statements = restore_into(op.params, op.info, t.staging, self.dump, opts)
         self.dump.unchanged(op.res.sha256)
         op.res.log.append(f'restored the {self.dump.format} dump into "{t.staging}"')
@@ -303,8 +313,12 @@ class DumpRestore:
             res.log.append(_already_holds(op, t))
             return leftover
         with op.phase("preflight"):
+            t.bindir, note = choose_bindir(op.req.bindir, dump)
+            if note:
+                res.log.append(note)
+            t.preflight().can_create().dump_owners(dump, t.bindir, op.req.tool_args).raise_if_any()
             full = op.check_mode or self.name == "replace"
-            res.stripped_statements = check_readable(dump, op.req.bindir, full=full)
+            res.stripped_statements = check_readable(dump, t.bindir, full=full)
         return leftover + self.after_leftover(t, Staging(t, dump))
 
     def after_leftover(self, t: Target, staging: Staging) -> list[Step]:
@@ -466,6 +480,7 @@ class Rollback:
                 f'no previous copy of "{t.db}" recorded by pgops.dbrestore to roll back to; nothing was changed'
             )
         prev = prevs[0]
+        t.preflight().raise_if_any()
         undone = free_name(op.conn, undone_name(t.db, utc_stamp()))
         op.res.previous_db = prev.name
         op.res.marker_before = op.registry.marker(t.live_oid)
@@ -541,6 +556,7 @@ class SwitchStaged:
             raise PgOpsError(f'"{t.staging}" does not hold a verified copy of {op.req.src or "a dump"}: '
                              "run phase=stage again")  # fmt: skip
         res.diff = {"before": {"marker": res.marker_before}, "after": {"marker": staged}}
+        t.preflight().raise_if_any()
         if t.live_oid is None:
             return [Step("switch", f'rename "{t.staging}" to "{t.db}"', lambda: _create_live(op, t))]
         return switch_steps(t)

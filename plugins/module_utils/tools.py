@@ -96,9 +96,9 @@ class ToolOutput:
 
 
 def tool_version(path: str) -> tuple[int, int]:
-    """(major, minor) of a client tool, from "pg_restore (PostgreSQL) 18.6"; (0, 0) when unknown."""
+    """(major, minor) from --version ("pg_restore (PostgreSQL) 15.14 (Debian …)"); (0, 0) when unknown."""
     out = subprocess.run([path, "--version"], capture_output=True, text=True, check=False).stdout
-    m = re.search(r"\b(\d+)(?:\.(\d+))?", out.split(")")[-1])
+    m = re.search(r"\)\s+(\d+)(?:\.(\d+))?", out)
     return (int(m.group(1)), int(m.group(2) or 0)) if m else (0, 0)
 
 

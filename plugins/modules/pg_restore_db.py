@@ -28,7 +28,7 @@ description:
     the log then says when it was restored and whether the application wrote to it since.
   - Every connection into the target or staging database pins C(search_path) to C(pg_catalog, pg_temp), and
     O(verify_query) runs with the rights of the database's owner, so functions the application's role planted never
-    run with the login role's privileges. Plain dumps are loaded by C(psql) in C(\restrict) mode: a psql
+    run with the login role's privileges. Plain dumps are loaded by C(psql) in C(\restrict) mode, so a psql
     meta-command in the dump (C(\!) runs a shell command) is refused. The dump is opened once and read from that
     open file for its format, its hash and the load.
   - Database-level settings of the live database (owner, GRANTs on the database, connection limit, comment and
