@@ -94,15 +94,19 @@ def drop_reliably(pg: PgServer, db: str) -> None:
 # --- scenario 2/3/4: restoring a database ------------------------------------------------------
 
 
+def _request(db: str, dump: Path, strategy: str, force: bool) -> RestoreRequest:
+    # the same work as the raw tools: as many jobs, no ANALYZE
+    return RestoreRequest(db=db, src=str(dump), strategy=strategy, force=force, bindir=str(client_bindir()),
+                          jobs=JOBS, analyze=False)  # fmt: skip
+
+
 def restore_swap(pg: PgServer, db: str, dump: Path, force: bool = True) -> dict:
-    """pg_restore_db strategy=swap; force=True restores again even when the marker matches."""
-    req = RestoreRequest(db=db, src=str(dump), strategy="swap", force=force, bindir=str(client_bindir()))
-    return restore_database(pg.params(), req).as_dict()
+    """pg_restore_db strategy=swap; force=True restores again even when the database holds this dump."""
+    return restore_database(pg.params(), _request(db, dump, "swap", force)).as_dict()
 
 
 def restore_replace(pg: PgServer, db: str, dump: Path) -> dict:
-    req = RestoreRequest(db=db, src=str(dump), strategy="replace", force=True, bindir=str(client_bindir()))
-    return restore_database(pg.params(), req).as_dict()
+    return restore_database(pg.params(), _request(db, dump, "replace", True)).as_dict()
 
 
 def restore_raw(pg: PgServer, db: str, dump: Path) -> dict:
