@@ -15,6 +15,7 @@ from typing import Any
 
 from ansible_collections.pgops.dbrestore.plugins.module_utils.dumpfile import DumpSource
 from ansible_collections.pgops.dbrestore.plugins.module_utils.postgres import PgOpsError, ServerInfo
+from ansible_collections.pgops.dbrestore.plugins.module_utils.registry import Registry
 from ansible_collections.pgops.dbrestore.plugins.module_utils.restart import RestartSpec
 from ansible_collections.pgops.dbrestore.plugins.module_utils.sessions import list_sessions
 from ansible_collections.pgops.dbrestore.plugins.module_utils.tools import find_tool, tool_version
@@ -76,9 +77,11 @@ class Preflight:
             )
         return self
 
-    def can_record(self, registry_exists: bool) -> Preflight:
-        """Our records need a schema in the maintenance database: creating it needs CREATE there."""
-        if not registry_exists and not self._one(
+    def can_record(self, registry: Registry) -> Preflight:
+        """Our records need a schema of ours in the maintenance database: creating it needs CREATE there."""
+        if not registry.trusted:
+            self.problems.append(registry.warnings[-1])
+        if not registry.exists and not self._one(
             "SELECT pg_catalog.has_database_privilege(pg_catalog.current_database(), 'CREATE')"
         ):
             db = self._one("SELECT pg_catalog.current_database()")

@@ -92,7 +92,7 @@ class Target:
     def preflight(self) -> Preflight:
         """The checks every path that switches the live database needs."""
         req = self.op.req
-        checks = Preflight(self.op.conn, self.op.info).can_record(self.op.registry.exists)
+        checks = Preflight(self.op.conn, self.op.info).can_record(self.op.registry)
         if self.live_oid is not None:
             checks.can_switch(self.db, req.fallback, req.restart)
         return checks

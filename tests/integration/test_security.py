@@ -167,6 +167,19 @@ def test_forged_marker_in_the_app_database_is_ignored(pg: PgServer, shop: Path):
     assert app_sql(pg, "SELECT count(*) FROM orders") == [(50,)]
 
 
+def test_records_schema_made_by_the_app_is_neither_read_nor_written(pg: PgServer, shop: Path):
+    """Attack 4: a role that may create schemas in the maintenance database makes ours first and forges records."""
+    pg.sql("DROP SCHEMA IF EXISTS pgops_dbrestore CASCADE")
+    pg.sql(sql.SQL("GRANT CREATE ON DATABASE postgres TO {}").format(sql.Identifier(APP)))
+    try:
+        app_sql(pg, "CREATE SCHEMA pgops_dbrestore", dbname="postgres")
+        with pytest.raises(PgOpsError, match=f"objects there belong to {APP}, neither the login role nor a superuser"):
+            restore(pg, shop, check_mode=True)
+    finally:
+        pg.sql("DROP SCHEMA IF EXISTS pgops_dbrestore CASCADE")
+        pg.sql(sql.SQL("REVOKE CREATE ON DATABASE postgres FROM {}").format(sql.Identifier(APP)))
+
+
 def test_revoke_connect_gives_back_exactly_the_acl_it_found(pg: PgServer, shop: Path):
     """Attack 5: reopening after revoke_connect must not GRANT CONNECT TO PUBLIC where there was none."""
     pg.sql(sql.SQL("REVOKE ALL ON DATABASE {} FROM PUBLIC").format(sql.Identifier(DB)))
