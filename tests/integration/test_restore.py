@@ -204,6 +204,9 @@ def test_bad_dump_loses_nothing(pg: PgServer, dumps, live_db: str, tmp_path: Pat
         restore(pg, live_db, path, strategy=strategy)
     got = err.value.details
     assert got["changed"] is False and got["dropped"] == [] and got["renamed"] == [] and got["created"] == []
+    if strategy == "swap" and case in ("truncated", "bad sql"):  # read fine up front, failed while loading
+        assert got["steps_done"] == [] and "stage" in got["phases_ms"]
+        assert any(staging_name(live_db) in line for line in got["log"]), "the log does not say what was done"
     assert fingerprint_db(pg, live_db) == before, "the live database changed"
     assert databases(pg) == dbs, "a staging or previous copy was left behind"
     assert allows_connections(pg, live_db)
@@ -621,7 +624,9 @@ def test_killed_at_a_named_step_leaves_a_working_database(pg: PgServer, dumps, l
     assert ours(pg, live_db) == {live_db, nxt.previous_db}, "a copy was left behind"
 
 
-def test_killed_while_pg_restore_writes_then_next_run_cleans_up(pg: PgServer, dumps, live_db: str, tmp_path: Path):
+@pytest.mark.parametrize("iteration", range(CRASH_REPEAT), ids=lambda i: f"run{i}")
+def test_killed_while_pg_restore_writes_then_next_run_cleans_up(pg: PgServer, dumps, live_db: str, tmp_path: Path,
+                                                                iteration: int):  # fmt: skip
     big = tmp_path / "big.dump"
     _pgbench_dump(pg, big, scale=3)
     before = fingerprint_db(pg, live_db)

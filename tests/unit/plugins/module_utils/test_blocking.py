@@ -46,7 +46,7 @@ def test_block_state_json_round_trip(state: BlockState):
 def test_block_state_from_json_is_strict_about_types():
     again = BlockState.from_json('{"method": "revoke_connect", "closed": 0, "grants": [["app", 1]]}')
     assert again == BlockState("revoke_connect", closed=False, grants=(("app", True),))
-    with pytest.raises(KeyError):
+    with pytest.raises(KeyError, match="closed"):
         BlockState.from_json('{"method": "revoke_connect"}')
 
 

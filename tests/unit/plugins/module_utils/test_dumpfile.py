@@ -114,7 +114,7 @@ def test_fingerprint_size_and_close(tmp_path: Path):
         fd = dump.fd
         assert dump.child_path == f"/dev/fd/{fd}"
     assert dump.fd == -1
-    with pytest.raises(OSError):
+    with pytest.raises(OSError, match="Bad file descriptor"):
         os.fstat(fd)
 
 
