@@ -17,7 +17,7 @@ NOWHERE = {"login_host": "127.0.0.1", "login_port": 1, "login_password": "s3cret
 
 
 def run(module, args: dict, capsys: pytest.CaptureFixture) -> dict:
-    with patch_module_args(args), pytest.raises(SystemExit, match="^[01]$"):
+    with patch_module_args(args), pytest.raises(SystemExit, match=r"^[01]$"):
         module.main()
     return json.loads(capsys.readouterr().out)
 
