@@ -75,7 +75,7 @@ options:
   rollback:
     description:
       - Swap the newest previous copy this collection recorded back in place of O(db). Fails when there is none.
-      - Reads no dump: O(src) and O(strategy) must be left out.
+      - Reads no dump, so O(src) and O(strategy) must be left out.
     type: bool
     default: false
   phase:
@@ -175,7 +175,7 @@ options:
 notes:
   - Needs C(CREATEDB) (or superuser) and the right to end the live database's sessions (see
     M(pgops.dbrestore.pg_terminate_connections)).
-  - O(db) must not be O(login_db): the maintenance connection holds the lock and our records there.
+  - O(db) must not be O(login_db), where the maintenance connection holds the lock and our records.
   - A failure returns what was done so far (RV(log), RV(steps_done), RV(created), RV(renamed), RV(dropped),
     RV(phases_ms)), RV(sqlstate) when the server refused a statement, and C(changed=true) when anything changed.
   - The staging database is named C(<db>_pgops_staging); names longer than 36 bytes are shortened with a hash
