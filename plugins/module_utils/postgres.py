@@ -176,16 +176,18 @@ def report(module: Any, run: Callable[[], Any]) -> None:
     try:
         result = run()
     except PgOpsError as exc:
-        out = {"changed": False, **exc.details}
-        if not module._diff:
-            out.pop("diff", None)
+        out = _module_output(module, {"changed": False, **exc.details})
         module.fail_json(msg=str(exc), sqlstate=exc.sqlstate, **out)
-    out = result.as_dict()
-    if not module._diff:
-        out.pop("diff")
-    for warning in out.get("warnings", []):
+    module.exit_json(**_module_output(module, result.as_dict()))
+
+
+def _module_output(module: Any, out: dict[str, Any]) -> dict[str, Any]:
+    """Warnings become Ansible's own; the diff only with --diff."""
+    for warning in out.pop("warnings", []):
         module.warn(warning)
-    module.exit_json(**out)
+    if not module._diff:
+        out.pop("diff", None)
+    return out
 
 
 def require_psycopg() -> None:

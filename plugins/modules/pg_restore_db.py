@@ -361,12 +361,6 @@ log:
   type: list
   elements: str
   sample: ['restored the custom dump into "hoge_db_pgops_staging"']
-warnings:
-  description: Things the operator should know (also shown as Ansible warnings), such as ignored records.
-  returned: always
-  type: list
-  elements: str
-  sample: []
 sqlstate:
   description: The server's error code when a statement failed (for example C(55006), C(42501)).
   returned: failure

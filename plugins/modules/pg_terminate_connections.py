@@ -214,12 +214,6 @@ elapsed_ms:
   returned: always
   type: dict
   sample: {connect: 4, block: 3, terminate: 212, unblock: 2, total: 224}
-warnings:
-  description: Things the operator should know (also shown as Ansible warnings), such as ignored records.
-  returned: always
-  type: list
-  elements: str
-  sample: []
 sqlstate:
   description: The server's error code when a statement failed (for example C(42501)).
   returned: failure
