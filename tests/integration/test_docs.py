@@ -21,6 +21,7 @@ from psycopg import sql
 
 from tests.conftest import drop_database
 from tests.harness.ansible_run import ansible_env
+from tests.harness.dumps import make_dump
 from tests.harness.pg import PgServer, client_bindir
 from tests.harness.storm import Storm
 
@@ -56,36 +57,62 @@ def test_every_example_is_run_somewhere():
             assert any(example in text for text in sources), f"{page}: this example is run by no test:\n{example}"
 
 
+def test_no_page_runs_a_playbook_by_path():
+    """Users run the installed collection's playbooks by name (ansible-playbook pgops.dbrestore.restore), so no
+    page, README or playbook comment shows a playbook path of a checkout."""
+    texts = [*DOCS.glob("*.md"), ROOT / "README.md", *ROOT.glob("roles/*/README.md"), *ROOT.glob("playbooks/*")]
+    by_path = re.compile(r"ansible-playbook\b[^\n`]*?\s(\S*playbooks/\w+\.yml)")
+    found = [f"{p.relative_to(ROOT)}: {m.group(1)}" for p in texts for m in by_path.finditer(p.read_text())]
+    assert not found, "\n".join(found)
+
+
 @pytest.fixture
-def world(pg: PgServer, dumps, tmp_path: Path):
-    """hoge_db and hoge_shard2 (chinook, invoice lines deleted), their dumps, an owner without privileges."""
+def world(pg: PgServer, dumps, tmp_path: Path):  # dumps: chinook_source exists
+    """hoge_db and hoge_shard2 (chinook, invoice lines deleted) owned by app_owner, a role without privileges, as
+    are their tables; their dumps; app_owner's own database, the maintenance database of old-servers.md."""
     backups = tmp_path / "backups"
     backups.mkdir()
     pg.sql("CREATE ROLE app_owner LOGIN PASSWORD 'pw' CREATEDB")
+    pg.sql("CREATE DATABASE app_owner OWNER app_owner")
+    pg.sql("CREATE DATABASE hoge_source TEMPLATE chinook_source OWNER app_owner")
+    pg.sql(OWN_TABLES, dbname="hoge_source")
+    make_dump(pg, "hoge_source", "custom", tmp_path / "hoge.dump")
     for db in ("hoge_db", "hoge_shard2"):
-        pg.sql(sql.SQL("CREATE DATABASE {} TEMPLATE chinook_source OWNER app_owner").format(sql.Identifier(db)))
+        pg.sql(sql.SQL("CREATE DATABASE {} TEMPLATE hoge_source OWNER app_owner").format(sql.Identifier(db)))
         pg.sql("DELETE FROM invoice_line", dbname=db)
-        shutil.copy(dumps["chinook"]["custom"], backups / f"{db}.2026-11-24.dump")
+        shutil.copy(tmp_path / "hoge.dump", backups / f"{db}.2026-11-24.dump")
     yield backups
-    for (name,) in pg.sql("SELECT datname FROM pg_database WHERE datname LIKE 'hoge_%'"):
+    for (name,) in pg.sql("SELECT datname FROM pg_database WHERE datname LIKE 'hoge_%' OR datname = 'app_owner'"):
         drop_database(pg, name)
     pg.sql("DROP ROLE app_owner")
 
 
+# The application's role owns its tables (and with them their sequences), as in an application's database.
+OWN_TABLES = """DO $$ DECLARE t record; BEGIN
+  FOR t IN SELECT schemaname, tablename FROM pg_tables WHERE schemaname = 'public' LOOP
+    EXECUTE format('ALTER TABLE %I.%I OWNER TO app_owner', t.schemaname, t.tablename);
+  END LOOP;
+END $$"""
+
+
 def overrides(pg: PgServer, backups: Path, page: str) -> dict:
-    conn = pg.module_args()
+    """What cannot be as the page says on this machine: the server's address, port and password (TCP, whatever
+    socket the page names), the backup directory, the client tools, local hosts, the restart settings."""
     extra = {
         "ansible_connection": "local",
         "ansible_python_interpreter": sys.executable,
         "restore_backup_dir": str(backups),
         "restore_bindir": str(client_bindir()),
-        "restore_connection": conn,
+        "pgops_login_host": "127.0.0.1",
+        "pgops_login_port": pg.port,
+        "pgops_login_unix_socket": "",
+        "pgops_login_password": "pw" if page == "old-servers.md" else pg.module_args()["login_password"],
+        "pgops_ssl_mode": "disable",
     }
     if page == "old-servers.md":
         # no systemd service here: the same fallback through pg_ctl, as the page describes
-        conn.update(login_user="app_owner", login_password="pw")
-        extra.update(restore_data_dir=str(pg.datadir), restore_pg_ctl=str(pg.bindir / "pg_ctl"),
-                     restore_restart_user=pg.os_user or "", restore_restart_sudo=False)  # fmt: skip
+        extra.update(restore_restart_data_dir=str(pg.datadir), restore_restart_pg_ctl=str(pg.bindir / "pg_ctl"),
+                     restore_restart_become_user=pg.os_user or "", restore_restart_sudo=False)  # fmt: skip
     return extra
 
 
@@ -93,7 +120,6 @@ def overrides(pg: PgServer, backups: Path, page: str) -> dict:
 def test_page_runs_as_written(pg: PgServer, world: Path, tmp_path: Path, page: str):
     work = tmp_path / "work"
     work.mkdir()
-    (work / "playbooks").symlink_to(ROOT / "playbooks")
     extra = tmp_path / "overrides.json"
     extra.write_text(json.dumps(overrides(pg, world, page)))
     # every page builds on restore.md's inventory; its own files replace those of the same name
@@ -112,6 +138,8 @@ def test_page_runs_as_written(pg: PgServer, world: Path, tmp_path: Path, page: s
             for cmd in body.strip().splitlines():
                 argv = shlex.split(cmd)
                 assert argv[0] == "ansible-playbook", f"{page}: unexpected command {cmd!r}"
+                # the installed collection's playbooks, by name, never a path into a checkout
+                assert any(re.fullmatch(r"pgops\.dbrestore\.\w+", a) for a in argv), f"{page}: {cmd!r}"
                 argv = [str(Path(sys.executable).parent / argv[0]), *argv[1:], "-e", f"@{extra}"]
                 proc = subprocess.run(argv, cwd=work, env=ansible_env(), capture_output=True, text=True,
                                       timeout=600, check=False)  # fmt: skip
@@ -125,5 +153,5 @@ def test_page_runs_as_written(pg: PgServer, world: Path, tmp_path: Path, page: s
     else:
         assert invoice_lines == 2240, f"hoge_db was not restored:\n{outputs[-1][1].stdout}"
     if page == "old-servers.md":
-        assert "server restarted" in outputs[-1][1].stdout
+        assert "PostgreSQL was restarted" in outputs[-1][1].stdout
         pg.wait_ready()
