@@ -28,16 +28,24 @@ class BlockState:
 
     method: str
     closed: bool
-    # revoke_connect: the CONNECT grants found, as (grantee or "PUBLIC", grantable)
-    grants: tuple[tuple[str, bool], ...] = ()
+    # revoke_connect: the whole ACL in its order, as (grantee, privilege, grantable); None is PUBLIC
+    acl: tuple[tuple[str | None, str, bool], ...] = ()
+    null_acl: bool = False  # datacl was NULL (the defaults)
+    superuser: bool = False  # the login role may put a NULL datacl back
+
+    @property
+    def connect_grantees(self) -> list[str | None]:
+        return [g for g, priv, _grantable in self.acl if priv == "CONNECT"]
 
     def to_json(self) -> str:
-        return json.dumps({"method": self.method, "closed": self.closed, "grants": [list(g) for g in self.grants]})
+        return json.dumps({"method": self.method, "closed": self.closed, "acl": [list(a) for a in self.acl],
+                           "null_acl": self.null_acl, "superuser": self.superuser})  # fmt: skip
 
     @classmethod
     def from_json(cls, text: str) -> BlockState:
         data = json.loads(text)
-        return cls(data["method"], bool(data["closed"]), tuple((str(g), bool(o)) for g, o in data["grants"]))
+        acl = tuple((g, str(p), bool(o)) for g, p, o in data.get("acl", []))
+        return cls(data["method"], bool(data["closed"]), acl, bool(data.get("null_acl")), bool(data.get("superuser")))
 
 
 class BlockMethod:
@@ -101,37 +109,54 @@ class RevokeConnect(BlockMethod):
     summary = "REVOKE CONNECT from every role that has it, given back exactly (any version; superusers pass)"
 
     def snapshot(self, conn: Any, db: str) -> BlockState:
-        rows = conn.execute(
-            "SELECT CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE pg_catalog.pg_get_userbyid(a.grantee) END, "
-            "a.is_grantable FROM pg_catalog.pg_database d, "
-            "pg_catalog.aclexplode(coalesce(d.datacl, pg_catalog.acldefault('d', d.datdba))) a "
-            "WHERE d.datname = %s AND a.privilege_type = 'CONNECT' ORDER BY 1",
+        head = conn.execute(
+            "SELECT d.datacl IS NULL, (SELECT rolsuper FROM pg_catalog.pg_roles WHERE rolname = current_user) "
+            "FROM pg_catalog.pg_database d WHERE d.datname = %s",
+            (db,),
+        ).fetchone()
+        if head is None:
+            raise PgOpsError(f'database "{db}" does not exist')
+        acl = conn.execute(
+            "SELECT CASE WHEN a.grantee = 0 THEN NULL ELSE pg_catalog.pg_get_userbyid(a.grantee) END, "
+            "a.privilege_type, a.is_grantable FROM pg_catalog.pg_database d, "
+            "pg_catalog.aclexplode(coalesce(d.datacl, pg_catalog.acldefault('d', d.datdba))) WITH ORDINALITY a "
+            "WHERE d.datname = %s ORDER BY a.ordinality",
             (db,),
         ).fetchall()
-        if (
-            not rows
-            and conn.execute("SELECT 1 FROM pg_catalog.pg_database WHERE datname = %s", (db,)).fetchone() is None
-        ):
-            raise PgOpsError(f'database "{db}" does not exist')
-        return BlockState(self.name, closed=not rows, grants=tuple((r[0], bool(r[1])) for r in rows))
+        acl = tuple((r[0], r[1], bool(r[2])) for r in acl)
+        closed = not any(priv == "CONNECT" for _g, priv, _o in acl)
+        return BlockState(self.name, closed, acl, null_acl=bool(head[0]), superuser=bool(head[1]))
 
     def close_sql(self, db: str, state: BlockState) -> list[Any]:
         return [
             sql.SQL("REVOKE CONNECT ON DATABASE {} FROM {}").format(ident(db), _grantee(g))
-            for g, _grantable in state.grants
+            for g in state.connect_grantees
         ]
 
     def open_sql(self, db: str, state: BlockState) -> list[Any]:
-        return [
-            sql.SQL("GRANT CONNECT ON DATABASE {} TO {}{}").format(
-                ident(db), _grantee(g), sql.SQL(" WITH GRANT OPTION" if grantable else "")
-            )
-            for g, grantable in state.grants
-        ]
+        """The ACL as it was, byte for byte: emptied, then granted again in its order (or NULL again)."""
+        if state.closed or not state.acl:
+            return []
+        if state.null_acl and state.superuser:
+            return [
+                sql.SQL("UPDATE pg_catalog.pg_database SET datacl = NULL WHERE datname = {}").format(sql.Literal(db))
+            ]
+        grantees = list(dict.fromkeys(g for g, _p, _o in state.acl))
+        stmts = [sql.SQL("REVOKE ALL ON DATABASE {} FROM {} CASCADE").format(
+            ident(db), sql.SQL(", ").join(_grantee(g) for g in grantees))]  # fmt: skip
+        for grantee in grantees:
+            for grantable in (False, True):
+                privs = [p for g, p, o in state.acl if g == grantee and o == grantable]
+                if privs:
+                    stmts.append(sql.SQL("GRANT {} ON DATABASE {} TO {}{}").format(
+                        sql.SQL(", ").join(sql.SQL(p) for p in privs), ident(db), _grantee(grantee),
+                        sql.SQL(" WITH GRANT OPTION" if grantable else "")))  # fmt: skip
+        return stmts
 
 
-def _grantee(name: str) -> Any:
-    return sql.SQL("PUBLIC") if name == "PUBLIC" else ident(name)
+def _grantee(name: str | None) -> Any:
+    """None is PUBLIC; a role that happens to be named "PUBLIC" stays a quoted role name."""
+    return sql.SQL("PUBLIC") if name is None else ident(name)
 
 
 METHODS: dict[str, type[BlockMethod]] = {cls.name: cls for cls in (AllowConnections, RevokeConnect)}

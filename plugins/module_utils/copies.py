@@ -21,6 +21,7 @@ from ansible_collections.pgops.dbrestore.plugins.module_utils.postgres import (
 )
 from ansible_collections.pgops.dbrestore.plugins.module_utils.sessions import ClearRequest, clear_sessions
 
+NAMEDATALEN = 64  # PostgreSQL names are at most 63 bytes
 MAX_BASE_BYTES = 36  # room for "_prev_" + a timestamp within PostgreSQL's 63-byte names
 
 
@@ -58,7 +59,9 @@ def free_name(conn: Any, name: str) -> str:
     taken = {r[0] for r in conn.execute("SELECT datname FROM pg_catalog.pg_database").fetchall()}
     candidate, n = name, 1
     while candidate in taken:
-        candidate, n = f"{name}_{n}", n + 1
+        suffix = f"_{n}"
+        head = name.encode()[: NAMEDATALEN - 1 - len(suffix)].decode("utf-8", errors="ignore")
+        candidate, n = head + suffix, n + 1
     return candidate
 
 
@@ -70,7 +73,7 @@ class DatabaseSettings:
     encoding: str
     collate: str
     ctype: str
-    acl: list[tuple[str, str, bool]]  # (grantee or "PUBLIC", privilege, grantable); None acl = defaults
+    acl: list[tuple[str | None, str, bool]]  # (grantee, None for PUBLIC; privilege; grantable), in ACL order
     has_acl: bool
     conn_limit: int
     comment: str | None
@@ -87,9 +90,9 @@ def read_settings(conn: Any, db: str) -> DatabaseSettings:
     if row is None:
         raise PgOpsError(f'database "{db}" does not exist')
     acl = conn.execute(
-        "SELECT CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE pg_catalog.pg_get_userbyid(a.grantee) END, "
-        "a.privilege_type, a.is_grantable FROM pg_catalog.pg_database d, pg_catalog.aclexplode(d.datacl) a "
-        "WHERE d.datname = %s",
+        "SELECT CASE WHEN a.grantee = 0 THEN NULL ELSE pg_catalog.pg_get_userbyid(a.grantee) END, "
+        "a.privilege_type, a.is_grantable FROM pg_catalog.pg_database d, "
+        "pg_catalog.aclexplode(d.datacl) WITH ORDINALITY a WHERE d.datname = %s ORDER BY a.ordinality",
         (db,),
     ).fetchall()
     role_settings = conn.execute(
@@ -125,7 +128,7 @@ def apply_settings(conn: Any, db: str, s: DatabaseSettings, owner: str | None) -
         new_owner = ident(owner or s.owner)
         stmts.append((sql.SQL("REVOKE ALL ON DATABASE {} FROM PUBLIC, {}").format(target, new_owner), None))
         for grantee, priv, grantable in s.acl:
-            who = sql.SQL("PUBLIC") if grantee == "PUBLIC" else ident(grantee)
+            who = sql.SQL("PUBLIC") if grantee is None else ident(grantee)
             grant = sql.SQL("GRANT {} ON DATABASE {} TO {}{}").format(
                 sql.SQL(priv), target, who, sql.SQL(" WITH GRANT OPTION" if grantable else "")
             )

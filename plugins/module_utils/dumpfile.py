@@ -161,7 +161,12 @@ class DumpSource:
         exe = shutil.which(tool)
         if exe is None:
             raise PgOpsError(f"the dump is {tool}-compressed and the {tool} command is not installed on this host")
-        return _ProcessStream([exe, "-dc", "--", self.child_path], pass_fds=(self.fd,))
+        # its stdin: this same file opened anew (its own read position), as zstd refuses /dev/fd links
+        reopened = os.open(f"/proc/self/fd/{self.fd}", os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        try:
+            return _ProcessStream([exe, "-dc"], stdin=reopened)
+        finally:
+            os.close(reopened)
 
     def fingerprint(self) -> str:
         """sha256 of the dump's bytes (for a directory dump: of every file's name and bytes, in name order)."""
@@ -235,9 +240,8 @@ def _looks_like_sql(data: bytes) -> bool:
 class _ProcessStream:
     """stdout of a decompressor, closed (and the process reaped) with the stream."""
 
-    def __init__(self, argv: list[str], pass_fds: tuple[int, ...] = ()) -> None:
-        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     pass_fds=pass_fds)  # fmt: skip
+    def __init__(self, argv: list[str], stdin: int) -> None:
+        self.proc = subprocess.Popen(argv, stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         self.argv = argv
 
     def read(self, n: int = -1) -> bytes:
@@ -291,10 +295,8 @@ class PlainFilter:
             pending += chunk
             *complete, pending = pending.split(b"\n")
             for raw in complete:
-                line = raw + b"\n"
                 in_copy, keep = self._step(raw, in_copy)
-                if keep:
-                    yield line
+                yield raw + b"\n" if keep else b"\n"  # a left-out line stays a line: psql counts as the dump does
         if pending:
             in_copy, keep = self._step(pending, in_copy)
             if keep:

@@ -102,7 +102,11 @@ def restore_into(params: ConnParams, info: ServerInfo, dbname: str, dump: DumpSo
         return flt.dropped
     psql = _psql(opts.bindir, dbname, opts.tool_args)
     with dump.plain_stream() as stream:
-        run_tool(psql, env, feed=flt.lines(stream))
+        try:
+            run_tool(psql, env, feed=flt.lines(stream))
+        except PgOpsError as exc:
+            raise PgOpsError(f"{exc} (psql's line N is line N-1 of the dump: our \\restrict line comes first)",
+                             sqlstate=exc.sqlstate) from exc  # fmt: skip
     return flt.dropped
 
 

@@ -26,6 +26,12 @@ ARCHIVE_MAX = {10: (1, 13), 11: (1, 13), 12: (1, 14), 13: (1, 14), 14: (1, 14), 
 # where distributions install the client tools of each major, newest first after sorting
 CLIENT_BINDIRS = ("/usr/lib/postgresql/*/bin", "/usr/pgsql-*/bin")
 _OWNER_TOOL_ARGS = ("-O", "--no-owner")
+# "ALTER TABLE public.actor OWNER TO postgres;" in the dump's schema, the role maybe quoted
+_OWNER_TO = re.compile(r'^ALTER .* OWNER TO ("(?:[^"]|"")+"|[^\s;]+);$', re.MULTILINE)
+
+
+def _unquote(name: str) -> str:
+    return name[1:-1].replace('""', '"') if name.startswith('"') else name
 
 
 def reads_archive(major: int, version: tuple[int, int]) -> bool:
@@ -79,7 +85,7 @@ class Preflight:
 
     def can_record(self, registry: Registry) -> Preflight:
         """Our records need a schema of ours in the maintenance database: creating it needs CREATE there."""
-        if not registry.trusted:
+        if not (registry.trusted and registry.accessible):
             self.problems.append(registry.warnings[-1])
         if not registry.exists and not self._one(
             "SELECT pg_catalog.has_database_privilege(pg_catalog.current_database(), 'CREATE')"
@@ -140,17 +146,21 @@ class Preflight:
         """The roles owning the dump's objects exist, and a non-superuser may SET ROLE to them."""
         if any(a in _OWNER_TOOL_ARGS for a in tool_args) or not dump.is_archive:
             return self
-        toc = subprocess.run([find_tool("pg_restore", bindir), "-l", dump.child_path], pass_fds=(dump.fd,),
-                             stdin=subprocess.DEVNULL, capture_output=True, text=True, check=False).stdout  # fmt: skip
-        owners = {ln.split()[-1] for ln in toc.splitlines() if re.match(r"^\d+;", ln) and len(ln.split()) > 4}
-        owners.discard("-")
+        schema = subprocess.run(
+            [find_tool("pg_restore", bindir), "--schema-only", "-f", "-", dump.child_path],
+            pass_fds=(dump.fd,),
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            check=False,
+        )
+        owners = sorted({_unquote(m.group(1)) for m in _OWNER_TO.finditer(schema.stdout.decode(errors="replace"))})
         if not owners:
             return self
         rows = self.conn.execute(
             "SELECT o, r.oid IS NOT NULL, coalesce(pg_catalog.pg_has_role(r.oid, 'MEMBER'), false) "
             "FROM pg_catalog.unnest(%s::text[]) o LEFT JOIN pg_catalog.pg_roles r ON r.rolname = o ORDER BY o",
-            (sorted(owners),),
-        ).fetchall()
+            (owners,),
+        ).fetchall()  # fmt: skip
         missing = [r[0] for r in rows if not r[1]]
         foreign = [r[0] for r in rows if r[1] and not r[2]]
         fix = "or add --no-owner --no-privileges to tool_args"

@@ -76,14 +76,28 @@ class Registry:
                 f'ignored the records in schema "{SCHEMA}" of the maintenance database: objects there belong to '
                 f"{', '.join(untrusted)}, neither the login role nor a superuser (drop the schema if it is not yours)"
             )
+        self.accessible = not owners or bool(
+            self.conn.execute(
+                "SELECT pg_catalog.has_schema_privilege(%s, 'USAGE') AND coalesce(pg_catalog.bool_and("
+                "pg_catalog.has_table_privilege(c.oid, 'SELECT, INSERT, UPDATE, DELETE')), true) "
+                "FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace "
+                "WHERE n.nspname = %s AND c.relkind = 'r'",
+                (SCHEMA, SCHEMA),
+            ).fetchone()[0]
+        )
+        if not self.accessible:
+            self.warnings.append(
+                f'the login role may not use the records in schema "{SCHEMA}", which a superuser made: let it run '
+                f"ALTER SCHEMA {SCHEMA} OWNER TO <login role> and the same for its tables, or log in as a superuser"
+            )
         return bool(owners), not untrusted
 
     def _usable(self) -> bool:
-        return self.exists and self.trusted
+        return self.exists and self.trusted and self.accessible
 
     def ensure(self) -> None:
         """Create the schema and tables (owner: the login role, nothing for PUBLIC)."""
-        if not self.trusted:
+        if not (self.trusted and self.accessible):
             raise PgOpsError(self.warnings[-1] + "; refusing to write records there")
         execute(self.conn, sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(ident(SCHEMA)), "cannot create records")
         execute(self.conn, sql.SQL("REVOKE ALL ON SCHEMA {} FROM PUBLIC").format(ident(SCHEMA)), "records")

@@ -382,12 +382,16 @@ def clear_sessions(
             return res
 
         if closure is not None:
+            # what revoke_connect takes must be recorded for state=allowed: a role that cannot record stops here
+            remember = ends_blocked and req.record_block and closure.method.name == "revoke_connect"
+            if remember:
+                registry.ensure()
             t = time.monotonic()
             if closure.close(conn):
                 res.changed = True
                 phases.add("block", t)
                 res.log.append(f'closed "{req.db}" to new connections ({req.block})')
-                if ends_blocked and req.record_block:
+                if remember:
                     registry.set_block(oid, req.db, closure.state)
 
         if use_restart:

@@ -148,6 +148,7 @@ class Staging:
             locale = {k: v or live_locale[k] for k, v in locale.items()}
         t.staging_oid = create_database(op.conn, t.staging, req.template, req.owner, locale)
         op.res.created.append(t.staging)
+        op.res.log.append(f'created "{t.staging}"')
         op.registry.add_copy(t.staging_oid, t.staging, t.db, "staging", BlockState(t.method.name, closed=False))
         self._guarded(self._run_load)
 
@@ -198,6 +199,7 @@ def _drop_quietly(op: Operation, name: str, oid: int | None) -> None:
             op.res.created.remove(name)
         else:
             op.res.dropped.append(name)
+        op.res.log.append(f'dropped "{name}" after the failure')
     except PgOpsError:
         pass  # reported by the next run, which drops the leftover first
 
@@ -233,6 +235,10 @@ def close_and_clear(op: Operation, method: BlockMethod, then: Callable[[Any, Clo
     t = time.monotonic()
     try:
         cleared = clear_sessions(op.params, request, on_cleared=then)
+    except PgOpsError as exc:  # what it did before failing (sessions already ended) is part of our result
+        op.res.terminated += exc.details.get("terminated", [])
+        op.res.log += [f"switch: {line}" for line in exc.details.get("log", [])]
+        raise
     finally:
         op.res.switch_window_ms = int((time.monotonic() - t) * 1000)
     _record_clear(op, cleared)

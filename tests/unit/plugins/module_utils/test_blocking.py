@@ -28,24 +28,28 @@ def info(version_num: int) -> ServerInfo:
                       current_user="postgres")  # fmt: skip
 
 
+ACL = ((None, "TEMPORARY", False), (None, "CONNECT", False), ("owner", "CONNECT", False),
+       ('app "x"', "CONNECT", True), ("PUBLIC", "CONNECT", False))  # fmt: skip
+
+
 @pytest.mark.parametrize(
     "state",
     [
         BlockState("allow_connections", closed=False),
         BlockState("allow_connections", closed=True),
-        BlockState("revoke_connect", closed=False, grants=(("PUBLIC", False), ('app "x"', True), ("ü", False))),
+        BlockState("revoke_connect", closed=False, acl=ACL, null_acl=True, superuser=True),
         BlockState("revoke_connect", closed=True),
     ],
 )
 def test_block_state_json_round_trip(state: BlockState):
     again = BlockState.from_json(state.to_json())
     assert again == state
-    assert isinstance(again.grants, tuple) and all(isinstance(g, tuple) for g in again.grants)
+    assert isinstance(again.acl, tuple) and all(isinstance(a, tuple) for a in again.acl)
 
 
 def test_block_state_from_json_is_strict_about_types():
-    again = BlockState.from_json('{"method": "revoke_connect", "closed": 0, "grants": [["app", 1]]}')
-    assert again == BlockState("revoke_connect", closed=False, grants=(("app", True),))
+    again = BlockState.from_json('{"method": "revoke_connect", "closed": 0, "acl": [["app", "CONNECT", 1]]}')
+    assert again == BlockState("revoke_connect", closed=False, acl=(("app", "CONNECT", True),))
     with pytest.raises(KeyError, match="closed"):
         BlockState.from_json('{"method": "revoke_connect"}')
 
@@ -70,26 +74,40 @@ def test_allow_connections_statements():
     assert m.open_sql(DB, BlockState(m.name, closed=True)) == []
 
 
-def test_revoke_connect_takes_and_gives_back_exactly_the_grants_found():
+def test_revoke_connect_takes_connect_and_gives_back_the_whole_acl_in_its_order():
     m = RevokeConnect()
-    state = BlockState(m.name, closed=False, grants=(("PUBLIC", False), ("app", True), ('we"ird', False)))
+    state = BlockState(m.name, closed=False, acl=ACL)
+    assert state.connect_grantees == [None, "owner", 'app "x"', "PUBLIC"]
+    q = "Identifier('hoge \"db\"; ü')"
     assert [repr(s) for s in m.close_sql(DB, state)] == [
-        "Composed([SQL('REVOKE CONNECT ON DATABASE '), Identifier('hoge \"db\"; ü'), SQL(' FROM '), SQL('PUBLIC')])",
-        "Composed([SQL('REVOKE CONNECT ON DATABASE '), Identifier('hoge \"db\"; ü'), SQL(' FROM '), "
-        "Identifier('app')])",
-        "Composed([SQL('REVOKE CONNECT ON DATABASE '), Identifier('hoge \"db\"; ü'), SQL(' FROM '), "
-        "Identifier('we\"ird')])",
+        f"Composed([SQL('REVOKE CONNECT ON DATABASE '), {q}, SQL(' FROM '), SQL('PUBLIC')])",
+        f"Composed([SQL('REVOKE CONNECT ON DATABASE '), {q}, SQL(' FROM '), Identifier('owner')])",
+        f"Composed([SQL('REVOKE CONNECT ON DATABASE '), {q}, SQL(' FROM '), Identifier('app \"x\"')])",
+        # a role that is named PUBLIC is a role, not everybody
+        f"Composed([SQL('REVOKE CONNECT ON DATABASE '), {q}, SQL(' FROM '), Identifier('PUBLIC')])",
     ]
-    assert [repr(s) for s in m.open_sql(DB, state)] == [
-        "Composed([SQL('GRANT CONNECT ON DATABASE '), Identifier('hoge \"db\"; ü'), SQL(' TO '), SQL('PUBLIC'), "
-        "SQL('')])",
-        "Composed([SQL('GRANT CONNECT ON DATABASE '), Identifier('hoge \"db\"; ü'), SQL(' TO '), Identifier('app'), "
-        "SQL(' WITH GRANT OPTION')])",
-        "Composed([SQL('GRANT CONNECT ON DATABASE '), Identifier('hoge \"db\"; ü'), SQL(' TO '), "
-        "Identifier('we\"ird'), SQL('')])",
+    reopen = [repr(s) for s in m.open_sql(DB, state)]
+    head = f"Composed([SQL('REVOKE ALL ON DATABASE '), {q}, SQL(' FROM '), "
+    assert reopen[0].startswith(head + "Composed([SQL('PUBLIC')")
+    assert "Identifier('PUBLIC')])" in reopen[0] and reopen[0].endswith("SQL(' CASCADE')])")
+    granted = [r.split("SQL(' TO '), ")[1] for r in reopen[1:]]
+    assert granted == [
+        "SQL('PUBLIC'), SQL('')])",
+        "Identifier('owner'), SQL('')])",
+        "Identifier('app \"x\"'), SQL(' WITH GRANT OPTION')])",
+        "Identifier('PUBLIC'), SQL('')])",
     ]
+    assert "SQL('TEMPORARY'), SQL(', '), SQL('CONNECT')" in reopen[1]  # PUBLIC's privileges in their order
     nothing = BlockState(m.name, closed=True)
     assert m.close_sql(DB, nothing) == [] and m.open_sql(DB, nothing) == []
+
+
+def test_revoke_connect_puts_a_default_acl_back_as_null():
+    m = RevokeConnect()
+    [stmt] = m.open_sql(DB, BlockState(m.name, closed=False, acl=ACL, null_acl=True, superuser=True))
+    assert repr(stmt).startswith("Composed([SQL('UPDATE pg_catalog.pg_database SET datacl = NULL WHERE datname = ')")
+    # a login role that is not a superuser grants the defaults back explicitly instead
+    assert len(m.open_sql(DB, BlockState(m.name, closed=False, acl=ACL, null_acl=True))) == 5
 
 
 def test_block_method_by_name():

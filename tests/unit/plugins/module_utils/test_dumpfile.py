@@ -216,13 +216,14 @@ def test_meta_commands_reach_psql_only_behind_our_restrict_key(line: str):
     puts the key first, and takes out the dump's own \\restrict and \\unrestrict so none can lift it."""
     text = f"\\unrestrict guessed\nSET client_encoding = 'UTF8';\n{line}\n\\restrict other\nSELECT 1;\n"
     out, _ = filtered(text, restrict_key="k3y")
-    assert out.splitlines() == ["\\restrict k3y", "SET client_encoding = 'UTF8';", line, "SELECT 1;"]
+    # a left-out line becomes an empty one, so psql's line numbers stay the dump's (plus our key's line)
+    assert out.splitlines() == ["\\restrict k3y", "", "SET client_encoding = 'UTF8';", line, "", "SELECT 1;"]
 
 
 def test_filter_replaces_the_dumps_restrict_with_its_own_key():
     text = "\\restrict Dump0Key\nSET x = 1;\nCOPY t (x) FROM stdin;\n\\\\restrict in data\n\\.\n\\unrestrict Dump0Key\n"
     out, dropped = filtered(text, restrict_key="OurKey123")
-    assert out == "\\restrict OurKey123\nSET x = 1;\nCOPY t (x) FROM stdin;\n\\\\restrict in data\n\\.\n"
+    assert out == "\\restrict OurKey123\n\nSET x = 1;\nCOPY t (x) FROM stdin;\n\\\\restrict in data\n\\.\n\n"
     assert dropped == []  # replaced, not reported as a left-out statement
     out, _ = filtered(text)
     assert "restrict" not in out.replace("\\\\restrict in data", "")
@@ -238,7 +239,7 @@ def test_copy_data_lines_starting_with_a_backslash_pass():
 def test_filter_drops_settings_the_server_does_not_know():
     out, dropped = filtered("SET transaction_timeout = 0;\nSET lock_timeout = 0;\n",
                             unknown_settings=("transaction_timeout",))  # fmt: skip
-    assert out == "SET lock_timeout = 0;\n" and dropped == ["SET transaction_timeout = 0;"]
+    assert out == "\nSET lock_timeout = 0;\n" and dropped == ["SET transaction_timeout = 0;"]
 
 
 def test_lines_inside_quoted_text_are_not_meta_commands():
