@@ -96,7 +96,7 @@ def test_missing_and_empty_directory(tmp_path: Path):
 def test_a_refused_dump_leaves_no_open_file(tmp_path: Path):
     path = write(tmp_path, "f", b"not a dump at all")
     before = len(os.listdir("/proc/self/fd"))
-    for _ in range(5):
+    for _attempt in range(5):
         with pytest.raises(PgOpsError, match="is not a PostgreSQL dump"):
             DumpSource(path)
     assert len(os.listdir("/proc/self/fd")) == before
@@ -215,7 +215,7 @@ def test_meta_commands_reach_psql_only_behind_our_restrict_key(line: str):
     """psql refuses every meta-command after \\restrict (tests/integration/test_restore.py runs it): the filter
     puts the key first, and takes out the dump's own \\restrict and \\unrestrict so none can lift it."""
     text = f"\\unrestrict guessed\nSET client_encoding = 'UTF8';\n{line}\n\\restrict other\nSELECT 1;\n"
-    out, _ = filtered(text, restrict_key="k3y")
+    out = filtered(text, restrict_key="k3y")[0]
     # a left-out line becomes an empty one, so psql's line numbers stay the dump's (plus our key's line)
     assert out.splitlines() == ["\\restrict k3y", "", "SET client_encoding = 'UTF8';", line, "", "SELECT 1;"]
 
@@ -225,7 +225,7 @@ def test_filter_replaces_the_dumps_restrict_with_its_own_key():
     out, dropped = filtered(text, restrict_key="OurKey123")
     assert out == "\\restrict OurKey123\n\nSET x = 1;\nCOPY t (x) FROM stdin;\n\\\\restrict in data\n\\.\n\n"
     assert dropped == []  # replaced, not reported as a left-out statement
-    out, _ = filtered(text)
+    out = filtered(text)[0]
     assert "restrict" not in out.replace("\\\\restrict in data", "")
 
 

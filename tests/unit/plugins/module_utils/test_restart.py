@@ -39,8 +39,8 @@ def test_service_uses_systemctl_or_service(not_root, monkeypatch: pytest.MonkeyP
     monkeypatch.setattr("os.path.isdir", lambda p: p == "/run/systemd/system")
     assert RestartSpec(service="postgresql@15-main").argv() == ["systemctl", "restart", "postgresql@15-main"]
     monkeypatch.setattr("os.path.isdir", lambda p: False)
-    assert RestartSpec(service="postgresql", use_sudo=True).argv() == ["sudo", "-n", "--", "service", "postgresql",
-                                                                      "restart"]  # fmt: skip
+    argv = RestartSpec(service="postgresql", use_sudo=True).argv()
+    assert argv == ["sudo", "-n", "--", "service", "postgresql", "restart"]
 
 
 def test_root_uses_runuser(monkeypatch: pytest.MonkeyPatch):
