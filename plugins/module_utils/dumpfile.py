@@ -16,6 +16,7 @@ import re
 import shutil
 import stat
 import subprocess
+import tarfile
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -167,6 +168,17 @@ class DumpSource:
             return _ProcessStream([exe, "-dc"], stdin=reopened)
         finally:
             os.close(reopened)
+
+    def read_tar_through(self) -> None:
+        """Read every member of a tar dump to its end: pg_restore loops forever on a truncated tar archive."""
+        try:
+            with tarfile.open(fileobj=_FdReader(self.fd), mode="r|") as tar:  # type: ignore[call-overload]
+                for member in tar:
+                    data = tar.extractfile(member)
+                    while data is not None and data.read(1 << 20):
+                        pass
+        except (tarfile.TarError, EOFError, OSError) as exc:
+            raise PgOpsError(f"dump {self.path!r} is not readable (tar format): truncated or damaged ({exc})") from exc
 
     def fingerprint(self) -> str:
         """sha256 of the dump's bytes (for a directory dump: of every file's name and bytes, in name order)."""

@@ -47,6 +47,8 @@ def conninfo_for(dbname: str) -> str:
 
 def check_readable(dump: DumpSource, bindir: str | None, full: bool) -> list[str]:
     """pg_restore -l (TOC) or, with full, a complete read of the dump; plain dumps are read through."""
+    if dump.format == "tar":  # always: pg_restore would hang on a truncated one, even while loading
+        dump.read_tar_through()
     if dump.is_archive:
         argv = [find_tool("pg_restore", bindir), "-f", os.devnull]
         argv += [] if full else ["-l"]
