@@ -51,7 +51,7 @@ with connect(params) as conn:
     reg = Registry(conn)
     out["before"] = reg.marker(oid)
     reg.write_marker(oid, db, {"sha256": "ab" * 32, "format": "custom", "size": 123, "src": "x.dump", "writes": 7})
-    state = BlockState("revoke_connect", closed=False, grants=(("PUBLIC", False), ("app", True)))
+    state = BlockState("revoke_connect", closed=False, acl=((None, "CONNECT", False), ("app", "CONNECT", True)))
     reg.add_copy(oid, db, "the live one", "previous", state)
     reg.set_block(oid, db, state)
 with connect(params) as conn:  # read back on a new connection: what was written is committed
@@ -132,7 +132,9 @@ def test_records_and_names_on_old_python(pg: PgServer, maintenance_db: str, dbna
     assert out["before"] is None
     assert out["marker"] == {"sha256": "ab" * 32, "format": "custom", "size": 123, "src": "x.dump", "writes": 7}
     assert out["restored_at"].endswith("Z") and len(out["restored_at"]) == len("2026-11-25T10:10:10Z")
-    state = '{"method": "revoke_connect", "closed": false, "grants": [["PUBLIC", false], ["app", true]]}'
+    state = json.dumps({"method": "revoke_connect", "closed": False,
+                        "acl": [[None, "CONNECT", False], ["app", "CONNECT", True]], "null_acl": False,
+                        "superuser": False})  # fmt: skip
     assert out["copies"] == [[dbname, "previous", state]] and out["block"] == state
     assert out["after_forget"] == [None, None, []]
     # the records went to the maintenance database given as login_db, and forget() took them out again
