@@ -287,14 +287,14 @@ class PlainFilter:
     restrict_key: str = ""
     dropped: list[str] = field(default_factory=list)
     in_comment: bool = False  # inside a /* ... */ block, where "Drop database" is prose
+    shifted: bool = False  # our \restrict line came before the dump's first: psql's line N is the dump's N-1
 
     def lines(self, stream: IO[bytes] | _ProcessStream) -> Iterator[bytes]:
         """The lines to load, behind our \\restrict key: psql then refuses (and stops on) any meta-command in them.
 
         psql, not this filter, decides what is a meta-command: only it knows where quoted text ends.
         """
-        if self.restrict_key:
-            yield f"\\restrict {self.restrict_key}\n".encode()
+        restrict = f"\\restrict {self.restrict_key}\n".encode() if self.restrict_key else b""
         in_copy = False
         pending = b""
         while True:
@@ -308,7 +308,15 @@ class PlainFilter:
             *complete, pending = pending.split(b"\n")
             for raw in complete:
                 in_copy, keep = self._step(raw, in_copy)
-                yield raw + b"\n" if keep else b"\n"  # a left-out line stays a line: psql counts as the dump does
+                line = raw + b"\n" if keep else b"\n"  # a left-out line stays a line: psql counts as the dump does
+                if restrict:  # our key takes the place of a first comment line (pg_dump's "--"), else goes before
+                    self.shifted = bool(line.strip()) and not line.startswith(b"--")
+                    yield restrict
+                    restrict = b""
+                    if not self.shifted:
+                        continue
+                yield line
+        yield restrict
         if pending:
             in_copy, keep = self._step(pending, in_copy)
             if keep:

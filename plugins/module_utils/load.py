@@ -107,6 +107,8 @@ def restore_into(params: ConnParams, info: ServerInfo, dbname: str, dump: DumpSo
         try:
             run_tool(psql, env, feed=flt.lines(stream))
         except PgOpsError as exc:
+            if not flt.shifted:
+                raise
             raise PgOpsError(f"{exc} (psql's line N is line N-1 of the dump: our \\restrict line comes first)",
                              sqlstate=exc.sqlstate) from exc  # fmt: skip
     return flt.dropped

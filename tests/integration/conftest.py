@@ -62,3 +62,10 @@ def live_db(pg: PgServer, dumps):
     names = [r[0] for r in pg.sql("SELECT datname FROM pg_database WHERE datname LIKE %s", (name + "%",))]
     for n in names:
         drop_database(pg, n)
+
+
+def records_kept_by(pg: PgServer, role: str) -> None:
+    """Let a login role that is not a superuser keep the collection's records itself: a superuser's records
+    (made by earlier tests on this server) are not its to use, and it needs CREATE to make its own."""
+    pg.sql("DROP SCHEMA IF EXISTS pgops_dbrestore CASCADE")
+    pg.sql(sql.SQL("GRANT CREATE ON DATABASE postgres TO {}").format(sql.Identifier(role)))

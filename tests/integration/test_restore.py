@@ -31,7 +31,7 @@ from tests.conftest import drop_database
 from tests.harness.datasets import CHINOOK
 from tests.harness.dumps import FORMATS, make_dump
 from tests.harness.pg import PgServer, client_bindir
-from tests.integration.conftest import PAGILA_MIN_MAJOR, fingerprint_db
+from tests.integration.conftest import PAGILA_MIN_MAJOR, fingerprint_db, records_kept_by
 from tests.integration.test_terminate import storm_for
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -440,6 +440,7 @@ def test_swap_with_the_restart_fallback(pg: PgServer, dumps, live_db: str):
     """A login role that may not end other roles' sessions: the server restart ends them, the swap completes."""
     pg.sql("CREATE ROLE pgops_owner_nosignal LOGIN PASSWORD 'pw' CREATEDB")
     pg.sql(sql.SQL("ALTER DATABASE {} OWNER TO pgops_owner_nosignal").format(sql.Identifier(live_db)))
+    records_kept_by(pg, "pgops_owner_nosignal")
     spec = RestartSpec(pg_ctl=str(pg.bindir / "pg_ctl"), data_dir=str(pg.datadir), become_user=pg.os_user)
     try:
         with storm_for(pg, live_db, clients=5) as storm:

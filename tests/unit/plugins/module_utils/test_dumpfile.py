@@ -216,17 +216,24 @@ def test_meta_commands_reach_psql_only_behind_our_restrict_key(line: str):
     puts the key first, and takes out the dump's own \\restrict and \\unrestrict so none can lift it."""
     text = f"\\unrestrict guessed\nSET client_encoding = 'UTF8';\n{line}\n\\restrict other\nSELECT 1;\n"
     out = filtered(text, restrict_key="k3y")[0]
-    # a left-out line becomes an empty one, so psql's line numbers stay the dump's (plus our key's line)
-    assert out.splitlines() == ["\\restrict k3y", "", "SET client_encoding = 'UTF8';", line, "", "SELECT 1;"]
+    # a left-out line becomes an empty one and our key takes the first line's place: psql numbers lines as the dump
+    assert out.splitlines() == ["\\restrict k3y", "SET client_encoding = 'UTF8';", line, "", "SELECT 1;"]
 
 
 def test_filter_replaces_the_dumps_restrict_with_its_own_key():
     text = "\\restrict Dump0Key\nSET x = 1;\nCOPY t (x) FROM stdin;\n\\\\restrict in data\n\\.\n\\unrestrict Dump0Key\n"
     out, dropped = filtered(text, restrict_key="OurKey123")
-    assert out == "\\restrict OurKey123\n\nSET x = 1;\nCOPY t (x) FROM stdin;\n\\\\restrict in data\n\\.\n\n"
+    assert out == "\\restrict OurKey123\nSET x = 1;\nCOPY t (x) FROM stdin;\n\\\\restrict in data\n\\.\n\n"
     assert dropped == []  # replaced, not reported as a left-out statement
     out = filtered(text)[0]
     assert "restrict" not in out.replace("\\\\restrict in data", "")
+
+
+def test_our_key_goes_before_a_first_line_of_sql():
+    flt = PlainFilter(restrict_key="k")
+    assert b"".join(flt.lines(io.BytesIO(b"SELECT 1;\n"))) == b"\\restrict k\nSELECT 1;\n" and flt.shifted
+    flt = PlainFilter(restrict_key="k")
+    assert b"".join(flt.lines(io.BytesIO(b"--\nSELECT 1;\n"))) == b"\\restrict k\nSELECT 1;\n" and not flt.shifted
 
 
 def test_copy_data_lines_starting_with_a_backslash_pass():
