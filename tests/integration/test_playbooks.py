@@ -155,6 +155,16 @@ def test_set_with_a_broken_dump_switches_none(pg: PgServer, inventory: Path, hog
     (backups / "shard_b.tar").write_bytes((backups / "shard_b.tar").read_bytes()[:30000])
     before = {db: fingerprint_db(pg, db) for db in ("hoge_db", "shard_a", "shard_b")}
     proc = playbook(inventory, "restore", "-e", "dbs=hoge_db,shard_a,shard_b")
+    # the dry run before staging reads every dump through: the damaged one stops the set there
+    assert proc.returncode != 0 and "shard_b.tar' is not readable (tar format): truncated" in proc.stdout, proc.stdout
+    assert {db: fingerprint_db(pg, db) for db in before} == before
+    assert not [d for d in databases(pg) if d.endswith("_pgops_staging") or "_prev_" in d]
+
+
+def test_set_with_a_dump_that_fails_to_load_switches_none(pg: PgServer, inventory: Path, hoge_db: str, backups: Path):
+    (backups / "shard_b.sql").write_text("CREATE TABLE t (x int);\nSELECT no_such_function();\n")  # the newest
+    before = {db: fingerprint_db(pg, db) for db in ("hoge_db", "shard_a", "shard_b")}
+    proc = playbook(inventory, "restore", "-e", "dbs=hoge_db,shard_a,shard_b")
     assert proc.returncode != 0 and "before any database was switched" in proc.stdout, proc.stdout
     assert {db: fingerprint_db(pg, db) for db in before} == before
     assert not [d for d in databases(pg) if d.endswith("_pgops_staging") or "_prev_" in d]
