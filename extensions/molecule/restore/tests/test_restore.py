@@ -1,4 +1,4 @@
-"""The restore user story, end to end, checked after converge (playbooks/restore.yml -e db=hoge_db).
+"""The restore user story, end to end, checked after converge (ansible-playbook pgops.dbrestore.restore -e db=hoge_db).
 
 db1 runs Debian's PostgreSQL as a systemd service; web1 runs a client loop that queries hoge_db
 over the network every 0.2 s and reconnects when its session is ended (log lines
@@ -47,6 +47,13 @@ def psql(host, db, query):
     return host.check_output("runuser -u postgres -- psql -XAtq -v ON_ERROR_STOP=1 -d %s -c %s", db, query)
 
 
+def recorded(host, column, login_db="postgres"):
+    """What the collection recorded of hoge_db's restore, in the maintenance database it logged in to."""
+    query = (f"SELECT r.{column} FROM pgops_dbrestore.restored r JOIN pg_database d ON d.oid = r.datoid "
+             "WHERE d.datname = 'hoge_db'")  # fmt: skip
+    return psql(host, login_db, query)
+
+
 def counts(host, db):
     query = "SELECT json_build_object(" + ", ".join(f"'{t}', (SELECT count(*) FROM {t})" for t in TABLES) + ")"
     return json.loads(psql(host, db, query))
@@ -70,12 +77,13 @@ def sudo_as(host, user, *argv):
 
 
 def run_playbook(playbook, *extra):
-    """Run one of the collection's playbooks against the scenario's inventory."""
+    """Run one of the collection's playbooks by name (restore: pgops.dbrestore.restore, as a user runs it), or a
+    playbook file, against the scenario's inventory."""
     cmd = [
         str(Path(sys.executable).with_name("ansible-playbook")),
         "-i", str(SCENARIO_DIR / "inventory" / "hosts.yml"),
         *extra,
-        str(REPO / "playbooks" / playbook),
+        playbook if playbook.endswith(".yml") else f"pgops.dbrestore.{playbook}",
     ]  # fmt: skip
     env = {
         **os.environ,
@@ -134,7 +142,7 @@ def test_postgresql_is_the_debian_systemd_service(host):
 
 def test_hoge_db_holds_the_dump(host, dump_counts):
     assert counts(host, "hoge_db") == dump_counts
-    assert psql(host, "hoge_db", "SELECT src FROM pgops_dbrestore.restore_marker") == "hoge_db.chinook.dump"
+    assert recorded(host, "src") == "hoge_db.chinook.dump"
 
 
 def test_previous_copy_is_kept_closed(host):
@@ -177,7 +185,7 @@ def test_client_reconnected_after_the_switch(host, web, dump_counts):
 )
 def test_check_mode_changes_nothing(host, extra):
     before = snapshot(host)
-    result = run_playbook("restore.yml", "--check", *extra)
+    result = run_playbook("restore", "--check", *extra)
     assert result.returncode == 0, result.stdout
     assert "would" in result.stdout or "restore" in result.stdout
     assert snapshot(host) == before
@@ -187,7 +195,7 @@ def test_check_mode_changes_nothing(host, extra):
 
 
 def test_rollback_restores_the_old_rows(host, dump_counts):
-    result = run_playbook("rollback.yml", "-e", "db=hoge_db")
+    result = run_playbook("rollback", "-e", "db=hoge_db")
     assert result.returncode == 0, result.stdout
     assert counts(host, "hoge_db") == old_counts(dump_counts)
     assert [d for d in databases(host) if d.startswith("hoge_db_undone_")], databases(host)
@@ -387,14 +395,16 @@ def test_fallback_restarts_postgresql_through_sudo(host, web, dump_counts):
 
     main_pid = host.check_output("systemctl show -P MainPID postgresql@15-main")
     started = float(web.check_output("date +%s.%N"))
-    connection = {"login_user": "hoge_owner", "login_password": "owner-test-only", "login_host": "127.0.0.1"}
+    # login_db: a maintenance database of its own (prepare.yml), where it may keep the collection's records
+    connection = {"login_user": "hoge_owner", "login_password": "owner-test-only", "login_host": "127.0.0.1",
+                  "login_db": "hoge_owner"}  # fmt: skip
     result = run_playbook(
-        "restore.yml",
+        "restore",
         "-v",
         "-e", "db=hoge_db",
         "-e", "force=true",
         "-e", json.dumps({
-            "restore_connection": connection,
+            **{f"pgops_{option}": value for option, value in connection.items()},
             "restore_fallback": "restart",
             "restore_restart_sudo": True,
             "ansible_become": True,
@@ -403,10 +413,10 @@ def test_fallback_restarts_postgresql_through_sudo(host, web, dump_counts):
     )  # fmt: skip
     assert result.returncode == 0, result.stdout
     assert "restarted: true" in result.stdout
-    assert "server restarted" in result.stdout
+    assert "PostgreSQL was restarted" in result.stdout
     assert host.check_output("systemctl show -P MainPID postgresql@15-main") not in (main_pid, "0")
     assert counts(host, "hoge_db") == dump_counts
-    assert psql(host, "hoge_db", "SELECT restored_by FROM pgops_dbrestore.restore_marker") == "hoge_owner"
+    assert recorded(host, "restored_by", login_db="hoge_owner") == "hoge_owner"
     # sudo logged the exact command, run by pgops
     journal = host.check_output("journalctl -q --no-pager -t sudo --since -10min")
     assert "pgops : " in journal
@@ -420,7 +430,7 @@ def test_fallback_restarts_postgresql_through_sudo(host, web, dump_counts):
 
 def test_set_with_a_broken_dump_switches_nothing(host):
     before = snapshot(host)
-    result = run_playbook("restore.yml", "-e", "dbs=shard1,shard2,shard3")
+    result = run_playbook("restore", "-e", "dbs=shard1,shard2,shard3")
     assert result.returncode != 0
     assert "before any database was switched" in result.stdout
     assert snapshot(host) == before
