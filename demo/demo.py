@@ -60,8 +60,11 @@ def main() -> None:
             host = {
                 "ansible_connection": "local",
                 "ansible_python_interpreter": sys.executable,
-                "restore_connection": {"login_host": "127.0.0.1", "login_port": pg.port, "login_user": SUPERUSER,
-                                       "login_password": SUPERUSER_PASSWORD, "ssl_mode": "disable"},
+                "pgops_login_host": "127.0.0.1",
+                "pgops_login_port": pg.port,
+                "pgops_login_user": SUPERUSER,
+                "pgops_login_password": SUPERUSER_PASSWORD,
+                "pgops_ssl_mode": "disable",
                 "restore_backup_dir": str(backups),
                 "restore_bindir": str(client_bindir()),
             }  # fmt: skip

@@ -225,7 +225,7 @@ def test_web_trigger_restores_for_the_app_user(host, dump_counts):
     # sudo ran it as postgres, which logged in over the unix socket by peer authentication
     journal = host.check_output("journalctl -q --no-pager -t sudo --since -5min")
     assert "USER=postgres ; COMMAND=/usr/local/sbin/pgops-restore hoge_db" in journal
-    assert psql(host, "hoge_db", "SELECT restored_by FROM pgops_dbrestore.restore_marker") == "postgres"
+    assert recorded(host, "restored_by") == "postgres"
 
 
 @pytest.mark.parametrize(
