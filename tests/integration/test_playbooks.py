@@ -261,7 +261,7 @@ def test_numbers_from_extra_vars(pg: PgServer, inventory: Path, hoge_db: str):
             before_dry_run=False)  # fmt: skip
     for bad in ("restore_space_margin=lots", "restore_jobs=two", "restore_keep_previous=1.5.0"):
         proc = playbook(inventory, "restore", "-e", "db=hoge_db", "-e", bad)
-        refused(pg, proc, dbs, f"argument '{bad.split('=')[0]}'", "Validation of arguments failed")
+        refused(pg, proc, dbs, f"argument '{bad.split('=', maxsplit=1)[0]}'", "Validation of arguments failed")
 
     proc = playbook(inventory, "restore", "-v", "-e", "db=hoge_db", "-e", "restore_space_margin=1.5",
                     "-e", "restore_jobs=2", "-e", "restore_wait_timeout=20")  # fmt: skip
