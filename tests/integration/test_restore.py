@@ -7,13 +7,11 @@ many times in a row with PGOPS_CRASH_REPEAT=<n>, e.g.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -22,7 +20,6 @@ import pytest
 from psycopg import sql
 
 from ansible_collections.pgops.dbrestore.plugins.module_utils.copies import name_base, staging_name
-from ansible_collections.pgops.dbrestore.plugins.module_utils.operation import PAUSE_ENV
 from ansible_collections.pgops.dbrestore.plugins.module_utils.postgres import LOCK_NOT_AVAILABLE, PgOpsError
 from ansible_collections.pgops.dbrestore.plugins.module_utils.registry import LOCK_CLASS, Registry
 from ansible_collections.pgops.dbrestore.plugins.module_utils.restart import RestartSpec
@@ -31,10 +28,10 @@ from tests.conftest import drop_database
 from tests.harness.datasets import CHINOOK
 from tests.harness.dumps import FORMATS, make_dump
 from tests.harness.pg import PgServer, client_bindir
+from tests.harness.restore_process import paused_restore, restore_process
 from tests.integration.conftest import PAGILA_MIN_MAJOR, fingerprint_db, records_kept_by
 from tests.integration.test_terminate import storm_for
 
-ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.restore_majors
 CRASH_REPEAT = int(os.environ.get("PGOPS_CRASH_REPEAT", "1"))
 
@@ -547,36 +544,6 @@ def test_long_database_name_fits(pg: PgServer, dumps):
 # --- crashes: SIGKILL at named points, never at a moment guessed with a sleep ---------------------------
 
 
-def paused_restore(pg: PgServer, db: str, src: Path, point: str, tmp: Path, **kw) -> tuple[subprocess.Popen, int]:
-    """restore_database in a process of its own, stopped (SIGSTOP) right before the step named `point`."""
-    pid_file = tmp / f"paused-{point}"
-    pid_file.unlink(missing_ok=True)
-    script = (
-        "import sys, json; sys.path[:0] = [sys.argv[1], sys.argv[2]]\n"
-        "from ansible_collections.pgops.dbrestore.plugins.module_utils import postgres, restore as r\n"
-        "p = postgres.ConnParams(**json.loads(sys.argv[3]))\n"
-        "r.restore_database(p, r.RestoreRequest(**json.loads(sys.argv[4])))\n"
-    )
-    params = {k: v for k, v in pg.params().__dict__.items() if k != "connect_params"}
-    req = {"db": db, "src": str(src), "bindir": str(client_bindir()), "jobs": 1, **kw}
-    env = {**os.environ, PAUSE_ENV: f"{point}:{pid_file}"}
-    argv = [sys.executable, "-c", script, str(ROOT), str(ROOT / ".cache" / "collections"), json.dumps(params)]
-    proc = subprocess.Popen([*argv, json.dumps(req)], env=env, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while not (pid_file.exists() and pid_file.read_text() and _stopped(int(pid_file.read_text()))):
-        assert proc.poll() is None, f"the restore ended before reaching {point}: {proc.stderr.read()}"
-        assert time.monotonic() < deadline, f"the restore never reached {point}"
-        time.sleep(0.01)
-    assert int(pid_file.read_text()) == proc.pid
-    return proc, proc.pid
-
-
-def _stopped(pid: int) -> bool:
-    """The process stopped itself (state T), so it sits exactly at the named point."""
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    return stat[stat.rindex(")") + 2] == "T"
-
-
 def kill(proc: subprocess.Popen) -> None:
     assert proc.poll() is None, "the restore is not running any more: nothing to kill"
     proc.send_signal(signal.SIGKILL)
@@ -607,7 +574,7 @@ def test_killed_at_a_named_step_leaves_a_working_database(pg: PgServer, dumps, l
     staging = staging_name(live_db)
     with storm_for(pg, live_db, clients=20) as storm:
         storm.wait_connected()
-        proc, _pid = paused_restore(pg, live_db, src, point, tmp_path, force=True)
+        proc = paused_restore(pg, {"db": live_db, "src": str(src), "jobs": 1, "force": True}, point, tmp_path)
         kill(proc)
         _wait_for(lambda: allows_connections(pg, live_db), timeout=30)
         storm.wait_connected(timeout=30)  # the app works against whichever copy holds the name now
@@ -632,7 +599,7 @@ def test_killed_while_pg_restore_writes_then_next_run_cleans_up(pg: PgServer, du
     _pgbench_dump(pg, big, scale=3)
     before = fingerprint_db(pg, live_db)
     staging = staging_name(live_db)
-    proc = restore_in_a_process(pg, live_db, big)
+    proc = restore_process(pg, {"db": live_db, "src": str(big), "jobs": 1})
     copying = "SELECT count(*) FROM pg_stat_activity WHERE datname = %s AND query ILIKE 'COPY %%'"
     _wait_for(lambda: pg.sql(copying, (staging,))[0][0] > 0 or proc.poll() is not None, timeout=60)
     kill(proc)
@@ -644,20 +611,6 @@ def test_killed_while_pg_restore_writes_then_next_run_cleans_up(pg: PgServer, du
     assert staging in res.dropped and res.changed
     assert res.plan[0] == f'drop "{staging}" (left behind by an interrupted run)'
     assert fingerprint_db(pg, live_db) == fingerprint_db(pg, "chinook_source")
-
-
-def restore_in_a_process(pg: PgServer, db: str, src: Path) -> subprocess.Popen:
-    """restore_database in a process of its own, to be killed."""
-    script = (
-        "import sys, json; sys.path[:0] = [sys.argv[1], sys.argv[2]]\n"
-        "from ansible_collections.pgops.dbrestore.plugins.module_utils import postgres, restore as r\n"
-        "p = postgres.ConnParams(**json.loads(sys.argv[3]))\n"
-        "r.restore_database(p, r.RestoreRequest(db=sys.argv[4], src=sys.argv[5], jobs=1, bindir=sys.argv[6]))\n"
-    )
-    params = {k: v for k, v in pg.params().__dict__.items() if k != "connect_params"}
-    return subprocess.Popen([sys.executable, "-c", script, str(ROOT), str(ROOT / ".cache" / "collections"),
-                             json.dumps(params), db, str(src), str(client_bindir())],
-                            stderr=subprocess.PIPE, text=True)  # fmt: skip
 
 
 def _pgbench_dump(pg: PgServer, dest: Path, scale: int) -> None:

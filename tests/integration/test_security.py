@@ -6,19 +6,15 @@ controls the dump. Real servers; the app role acts through its own connections.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 from psycopg import sql
 
-from ansible_collections.pgops.dbrestore.plugins.module_utils.operation import PAUSE_ENV
 from ansible_collections.pgops.dbrestore.plugins.module_utils.postgres import LOCK_NOT_AVAILABLE, PgOpsError
 from ansible_collections.pgops.dbrestore.plugins.module_utils.registry import LOCK_CLASS
 from ansible_collections.pgops.dbrestore.plugins.module_utils.restore import RestoreRequest, restore_database
@@ -26,8 +22,8 @@ from ansible_collections.pgops.dbrestore.plugins.module_utils.sessions import Cl
 from tests.conftest import drop_database
 from tests.harness.dumps import make_dump
 from tests.harness.pg import PgServer, client_bindir
+from tests.harness.restore_process import paused_restore
 
-ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.edge_majors
 
 APP, APP_PASSWORD = "shop_app", "shop-app-secret"
@@ -141,9 +137,9 @@ def test_dump_swapped_after_it_was_opened_is_not_what_loads(pg: PgServer, shop: 
     app_sql(pg, "INSERT INTO orders VALUES (999, 'planted')")
     planted = make_dump(pg, DB, "custom", tmp_path / "planted.dump")
     app_sql(pg, "DELETE FROM orders WHERE id = 999")
-    proc, pid_file = paused_restore(pg, src, "stage", tmp_path)
+    proc = paused_restore(pg, {"db": DB, "src": str(src), "force": True}, "stage", tmp_path)
     os.replace(planted, src)  # the writer of the backup directory swaps the file now
-    os.kill(proc_pid(pid_file), signal.SIGCONT)
+    os.kill(proc.pid, signal.SIGCONT)
     assert proc.wait(timeout=120) == 0, proc.stderr.read()
     assert app_sql(pg, "SELECT count(*) FROM orders WHERE id = 999") == [(0,)]
 
@@ -250,9 +246,9 @@ def test_carried_over_settings_are_masked_in_the_result(pg: PgServer, shop: Path
 def test_killed_rollback_reopens_the_database(pg: PgServer, shop: Path, tmp_path: Path):
     """Attack 9: a rollback killed after its renames, before it reopened the copy it swapped back."""
     restore(pg, shop, force=True)
-    proc, pid_file = paused_restore(pg, None, "rolled-back", tmp_path, rollback=True)
+    proc = paused_restore(pg, {"db": DB, "rollback": True}, "rolled-back", tmp_path)
     assert proc.poll() is None
-    os.kill(proc_pid(pid_file), signal.SIGKILL)
+    os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     deadline = time.monotonic() + 30
     while not pg.sql("SELECT datallowconn FROM pg_database WHERE datname = %s", (DB,))[0][0]:
@@ -266,35 +262,3 @@ def wait_until_no_session(pg: PgServer, db: str) -> None:
     while pg.sql("SELECT count(*) FROM pg_stat_activity WHERE datname = %s", (db,))[0][0]:
         assert time.monotonic() < deadline, f"sessions stay on {db}"
         time.sleep(0.02)
-
-
-def paused_restore(pg: PgServer, src: Path | None, point: str, tmp: Path, **kw) -> tuple[subprocess.Popen, Path]:
-    """restore_database in a process of its own, stopped (SIGSTOP) at a named point of the operation."""
-    pid_file = tmp / f"paused-{point}"
-    script = (
-        "import sys, json; sys.path[:0] = [sys.argv[1], sys.argv[2]]\n"
-        "from ansible_collections.pgops.dbrestore.plugins.module_utils import postgres, restore as r\n"
-        "p = postgres.ConnParams(**json.loads(sys.argv[3]))\n"
-        "r.restore_database(p, r.RestoreRequest(**json.loads(sys.argv[4])))\n"
-    )
-    params = {k: v for k, v in pg.params().__dict__.items() if k != "connect_params"}
-    req = {"db": DB, "bindir": str(client_bindir()), **({"src": str(src), "force": True} if src else {}), **kw}
-    env = {**os.environ, PAUSE_ENV: f"{point}:{pid_file}"}
-    argv = [sys.executable, "-c", script, str(ROOT), str(ROOT / ".cache" / "collections"), json.dumps(params)]
-    proc = subprocess.Popen([*argv, json.dumps(req)], env=env, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while not (pid_file.exists() and pid_file.read_text() and _stopped(int(pid_file.read_text()))):
-        assert proc.poll() is None, f"the restore ended before {point}: {proc.stderr.read()}"
-        assert time.monotonic() < deadline, f"the restore never reached {point}"
-        time.sleep(0.02)
-    return proc, pid_file
-
-
-def _stopped(pid: int) -> bool:
-    """The process has stopped itself (state T in /proc), so a SIGCONT sent now is not lost."""
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    return stat[stat.rindex(")") + 2] == "T"
-
-
-def proc_pid(pid_file: Path) -> int:
-    return int(pid_file.read_text())
