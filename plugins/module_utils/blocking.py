@@ -10,6 +10,7 @@ rollback SQL all go through these objects. A new method is one subclass added to
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -116,14 +117,7 @@ class RevokeConnect(BlockMethod):
         ).fetchone()
         if head is None:
             raise PgOpsError(f'database "{db}" does not exist')
-        acl = conn.execute(
-            "SELECT CASE WHEN a.grantee = 0 THEN NULL ELSE pg_catalog.pg_get_userbyid(a.grantee) END, "
-            "a.privilege_type, a.is_grantable FROM pg_catalog.pg_database d, "
-            "pg_catalog.aclexplode(coalesce(d.datacl, pg_catalog.acldefault('d', d.datdba))) WITH ORDINALITY a "
-            "WHERE d.datname = %s ORDER BY a.ordinality",
-            (db,),
-        ).fetchall()
-        acl = tuple((r[0], r[1], bool(r[2])) for r in acl)
+        acl = read_acl(conn, db, defaults=True)
         closed = not any(priv == "CONNECT" for _g, priv, _o in acl)
         return BlockState(self.name, closed, acl, null_acl=bool(head[0]), superuser=bool(head[1]))
 
@@ -142,16 +136,35 @@ class RevokeConnect(BlockMethod):
                 sql.SQL("UPDATE pg_catalog.pg_database SET datacl = NULL WHERE datname = {}").format(sql.Literal(db))
             ]
         grantees = list(dict.fromkeys(g for g, _p, _o in state.acl))
-        stmts = [sql.SQL("REVOKE ALL ON DATABASE {} FROM {} CASCADE").format(
-            ident(db), sql.SQL(", ").join(_grantee(g) for g in grantees))]  # fmt: skip
-        for grantee in grantees:
-            for grantable in (False, True):
-                privs = [p for g, p, o in state.acl if g == grantee and o == grantable]
-                if privs:
-                    stmts.append(sql.SQL("GRANT {} ON DATABASE {} TO {}{}").format(
-                        sql.SQL(", ").join(sql.SQL(p) for p in privs), ident(db), _grantee(grantee),
-                        sql.SQL(" WITH GRANT OPTION" if grantable else "")))  # fmt: skip
-        return stmts
+        revoke = sql.SQL("REVOKE ALL ON DATABASE {} FROM {} CASCADE").format(
+            ident(db), sql.SQL(", ").join(_grantee(g) for g in grantees))  # fmt: skip
+        return [revoke, *grant_sql(db, state.acl)]
+
+
+def read_acl(conn: Any, db: str, defaults: bool) -> tuple[tuple[str | None, str, bool], ...]:
+    """db's ACL in its order as (grantee, privilege, grantable), None for PUBLIC; with defaults, a NULL
+    datacl reads as the defaults it stands for, else as no entries."""
+    acl = "coalesce(d.datacl, pg_catalog.acldefault('d', d.datdba))" if defaults else "d.datacl"
+    rows = conn.execute(
+        "SELECT CASE WHEN a.grantee = 0 THEN NULL ELSE pg_catalog.pg_get_userbyid(a.grantee) END, "
+        f"a.privilege_type, a.is_grantable FROM pg_catalog.pg_database d, pg_catalog.aclexplode({acl}) "
+        "WITH ORDINALITY a WHERE d.datname = %s ORDER BY a.ordinality",
+        (db,),
+    ).fetchall()
+    return tuple((r[0], r[1], bool(r[2])) for r in rows)
+
+
+def grant_sql(db: str, acl: Sequence[tuple[str | None, str, bool]]) -> list[Any]:
+    """The GRANTs that rebuild acl on an emptied ACL, its grantees in their order (so datacl comes out the same)."""
+    stmts = []
+    for grantee in dict.fromkeys(g for g, _p, _o in acl):
+        for grantable in (False, True):
+            privs = [p for g, p, o in acl if g == grantee and o == grantable]
+            if privs:
+                stmts.append(sql.SQL("GRANT {} ON DATABASE {} TO {}{}").format(
+                    sql.SQL(", ").join(sql.SQL(p) for p in privs), ident(db), _grantee(grantee),
+                    sql.SQL(" WITH GRANT OPTION" if grantable else "")))  # fmt: skip
+    return stmts
 
 
 def _grantee(name: str | None) -> Any:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
-from ansible_collections.pgops.dbrestore.plugins.module_utils.blocking import best_method
+from ansible_collections.pgops.dbrestore.plugins.module_utils.blocking import best_method, grant_sql, read_acl
 from ansible_collections.pgops.dbrestore.plugins.module_utils.postgres import (
     ConnParams,
     PgOpsError,
@@ -89,20 +89,14 @@ def read_settings(conn: Any, db: str) -> DatabaseSettings:
     ).fetchone()
     if row is None:
         raise PgOpsError(f'database "{db}" does not exist')
-    acl = conn.execute(
-        "SELECT CASE WHEN a.grantee = 0 THEN NULL ELSE pg_catalog.pg_get_userbyid(a.grantee) END, "
-        "a.privilege_type, a.is_grantable FROM pg_catalog.pg_database d, "
-        "pg_catalog.aclexplode(d.datacl) WITH ORDINALITY a WHERE d.datname = %s ORDER BY a.ordinality",
-        (db,),
-    ).fetchall()
     role_settings = conn.execute(
         "SELECT CASE WHEN s.setrole = 0 THEN NULL ELSE pg_catalog.pg_get_userbyid(s.setrole) END, c "
         "FROM pg_catalog.pg_db_role_setting s, pg_catalog.unnest(s.setconfig) c WHERE s.setdatabase = %s",
         (row[7],),
     ).fetchall()
     return DatabaseSettings(
-        owner=row[0], encoding=row[1], collate=row[2], ctype=row[3], acl=[tuple(a) for a in acl], has_acl=row[4],
-        conn_limit=row[5], comment=row[6], role_settings=[tuple(r) for r in role_settings],
+        owner=row[0], encoding=row[1], collate=row[2], ctype=row[3], acl=list(read_acl(conn, db, defaults=False)),
+        has_acl=row[4], conn_limit=row[5], comment=row[6], role_settings=[tuple(r) for r in role_settings],
     )  # fmt: skip
 
 
@@ -127,12 +121,7 @@ def apply_settings(conn: Any, db: str, s: DatabaseSettings, owner: str | None) -
     if s.has_acl:  # emptied first, then granted in the live order, so the ACL comes out the same
         new_owner = ident(owner or s.owner)
         stmts.append((sql.SQL("REVOKE ALL ON DATABASE {} FROM PUBLIC, {}").format(target, new_owner), None))
-        for grantee, priv, grantable in s.acl:
-            who = sql.SQL("PUBLIC") if grantee is None else ident(grantee)
-            grant = sql.SQL("GRANT {} ON DATABASE {} TO {}{}").format(
-                sql.SQL(priv), target, who, sql.SQL(" WITH GRANT OPTION" if grantable else "")
-            )
-            stmts.append((grant, None))
+        stmts += [(grant, None) for grant in grant_sql(db, s.acl)]
     if s.conn_limit != -1:
         stmts.append((sql.SQL("ALTER DATABASE {} CONNECTION LIMIT {}").format(target, sql.Literal(s.conn_limit)), None))
     if s.comment is not None:
