@@ -52,10 +52,11 @@ def choose_bindir(bindir: str | None, dump: DumpSource) -> tuple[str | None, str
     if reads_archive(major, need):
         return bindir, ""
     if bindir is None:
-        found = [d for d in (p for pattern in CLIENT_BINDIRS for p in glob.glob(pattern))
-                 if os.access(os.path.join(d, "pg_restore"), os.X_OK)]  # fmt: skip
-        for candidate in sorted(found, key=lambda d: tool_version(os.path.join(d, "pg_restore")), reverse=True):
-            if reads_archive(tool_version(os.path.join(candidate, "pg_restore"))[0], need):
+        found = {d: tool_version(os.path.join(d, "pg_restore"))
+                 for d in (p for pattern in CLIENT_BINDIRS for p in glob.glob(pattern))
+                 if os.access(os.path.join(d, "pg_restore"), os.X_OK)}  # fmt: skip
+        for candidate in sorted(found, key=found.__getitem__, reverse=True):
+            if reads_archive(found[candidate][0], need):
                 return candidate, f"{tool} ({major}) cannot read this dump: using the client tools in {candidate}"
     oldest = oldest_reader(need)
     raise PgOpsError(
