@@ -52,7 +52,6 @@ class BlockState:
 class BlockMethod:
     name = ""
     min_version = 0  # server_version_num that introduced it
-    summary = ""
 
     def check_supported(self, info: ServerInfo) -> None:
         if info.version_num < self.min_version:
@@ -86,7 +85,6 @@ class AllowConnections(BlockMethod):
 
     name = "allow_connections"
     min_version = 90500
-    summary = "ALTER DATABASE … ALLOW_CONNECTIONS false (9.5+; blocks every role)"
 
     def snapshot(self, conn: Any, db: str) -> BlockState:
         row = conn.execute("SELECT datallowconn FROM pg_catalog.pg_database WHERE datname = %s", (db,)).fetchone()
@@ -107,7 +105,6 @@ class RevokeConnect(BlockMethod):
     """REVOKE CONNECT from every grantee that holds it; superusers still connect. Any version."""
 
     name = "revoke_connect"
-    summary = "REVOKE CONNECT from every role that has it, given back exactly (any version; superusers pass)"
 
     def snapshot(self, conn: Any, db: str) -> BlockState:
         head = conn.execute(

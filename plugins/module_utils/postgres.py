@@ -262,10 +262,6 @@ def database_oid(conn: Any, dbname: str) -> int | None:
     return int(row[0]) if row else None
 
 
-def database_exists(conn: Any, dbname: str) -> bool:
-    return database_oid(conn, dbname) is not None
-
-
 def execute(conn: Any, stmt: Any, what: str, params: Any = None) -> Any:
     """Run one statement; a server error becomes a PgOpsError saying what failed, with its SQLSTATE."""
     try:

@@ -26,7 +26,6 @@ from ansible_collections.pgops.dbrestore.plugins.module_utils.postgres import (
 SCHEMA = "pgops_dbrestore"
 # first key of the advisory lock, "pgop"; the second is hashtext(<db>)
 LOCK_CLASS = 0x70676F70
-COPY_KINDS = ("staging", "previous", "undone")
 
 _TABLES = {
     "restored": "datoid oid PRIMARY KEY, datname text NOT NULL, sha256 text NOT NULL, format text NOT NULL, "
