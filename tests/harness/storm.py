@@ -76,6 +76,12 @@ class Storm:
 
         self._wait(count, need, "reconnected", timeout)
 
+    def wait_refused(self, because: str, timeout: float = 30) -> list[str]:
+        """Wait until a client's latest failed connection attempt names `because`; returns every client's
+        latest connection error at that moment."""
+        self._wait(lambda: sum(1 for s in self.stats if because in s.last_connect_error), 1, "refused", timeout)
+        return [s.last_connect_error for s in self.stats if s.last_connect_error]
+
     def _wait(self, count, need: int, what: str, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while count() < need:

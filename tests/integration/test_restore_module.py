@@ -120,11 +120,12 @@ def test_playbook_revoke_connect_shuts_the_app_out_only_for_the_switch(
             prev = [d for d in databases(pg) if d.startswith(f"{name_base(live_db)}_prev_")]
             assert len(prev) == 1 and not can_connect(pg, prev[0], app)
             assert allows_connections(pg, prev[0]), "revoke_connect must not touch datallowconn"
-            refused = [s.last_connect_error for s in storm.stats if s.last_connect_error]
-            # refused for want of CONNECT; a connection racing the rename itself is told the name just moved
-            denied = [e for e in refused if "permission denied for database" in e]
-            others = [e for e in refused if e not in denied and "have just been dropped or renamed" not in e]
-            assert denied and not others, others
+            # the workers, reconnecting at once, are refused for want of CONNECT; a connection racing the
+            # rename itself is told the name just moved
+            denied = "permission denied for database"
+            refused = storm.wait_refused(denied)
+            others = [e for e in refused if denied not in e and "have just been dropped or renamed" not in e]
+            assert not others, others
             os.kill(pid, signal.SIGCONT)
             out = proc.communicate(timeout=300)[0]
         finally:

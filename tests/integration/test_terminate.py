@@ -106,7 +106,7 @@ def test_blocked_until_allowed(pg: PgServer, dbname: str):
             time.sleep(0.01)
         assert storm.connects_now() == since, "a client got in while the database was blocked"
         assert sessions_on(pg, dbname) == 0
-        assert "is not currently accepting connections" in storm.stats[0].last_connect_error
+        storm.wait_refused("is not currently accepting connections")
 
         reopened = clear_sessions(pg.params(), ClearRequest(db=dbname, state="allowed"))
         assert reopened.changed and not reopened.blocked and allows_connections(pg, dbname)
@@ -309,7 +309,7 @@ def test_revoke_connect_locks_out_a_non_superuser_and_gives_back_the_exact_acl(p
         res = clear_sessions(pg.params(), ClearRequest(db=dbname, state="blocked", block="revoke_connect"))
         assert res.blocked and res.terminated_count >= 6 and sessions_on(pg, dbname) == 0
         assert not can_connect(pg, dbname, app) and not can_connect(pg, dbname, reader)
-        assert "permission denied for database" in storm.stats[0].last_connect_error
+        storm.wait_refused("permission denied for database")
         with pg.connect() as conn:  # what it took is recorded, so that state=allowed gives back exactly that
             oid = conn.execute("SELECT oid FROM pg_database WHERE datname = %s", (dbname,)).fetchone()[0]
             taken = Registry(conn).block(oid)
