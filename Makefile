@@ -40,8 +40,9 @@ lint: peer-collections
 	$(BIN)/ansible-lint
 	$(BIN)/antsibull-changelog lint
 
+# two workers, each major's tests on one of them (tests/conftest.py groups them)
 pytest: collections
-	$(BIN)/pytest -q tests
+	$(BIN)/pytest -q -n 2 --dist loadgroup tests
 
 # ansible-test sanity and units on a copy at ansible_collections/pgops/dbrestore
 sanity: venv

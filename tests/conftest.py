@@ -66,3 +66,12 @@ def drop_database(pg: PgServer, name: str) -> None:
     pg.sql("UPDATE pg_database SET datallowconn = true WHERE datname = %s", (name,))
     pg.sql("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,))
     pg.sql(sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(name)))
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Under pytest-xdist (`-n 2 --dist loadgroup`), keep each major's tests on one worker, so that
+    every server and its sample dumps are made once."""
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        if callspec is not None and "pg" in callspec.params:
+            item.add_marker(pytest.mark.xdist_group(f"pg{callspec.params['pg']}"))
