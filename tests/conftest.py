@@ -68,10 +68,13 @@ def drop_database(pg: PgServer, name: str) -> None:
     pg.sql(sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(name)))
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook reads the groups
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Under pytest-xdist (`-n 2 --dist loadgroup`), keep each major's tests on one worker, so that
-    every server and its sample dumps are made once."""
+    every server and its sample dumps are made once. The newest-major-only tests (mostly
+    ansible-playbook runs) are a group of their own, so that the two workers share the work evenly."""
     for item in items:
         callspec = getattr(item, "callspec", None)
         if callspec is not None and "pg" in callspec.params:
-            item.add_marker(pytest.mark.xdist_group(f"pg{callspec.params['pg']}"))
+            newest = "-newest" if item.get_closest_marker("newest_major") else ""
+            item.add_marker(pytest.mark.xdist_group(f"pg{callspec.params['pg']}{newest}"))

