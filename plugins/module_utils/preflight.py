@@ -14,6 +14,8 @@ import subprocess
 from typing import Any
 
 from ansible_collections.pgops.dbrestore.plugins.module_utils.dumpfile import DumpSource
+from ansible_collections.pgops.dbrestore.plugins.module_utils.pooler import Pooler
+from ansible_collections.pgops.dbrestore.plugins.module_utils.pooler import problems as pooler_problems
 from ansible_collections.pgops.dbrestore.plugins.module_utils.postgres import PgOpsError, ServerInfo
 from ansible_collections.pgops.dbrestore.plugins.module_utils.registry import Registry
 from ansible_collections.pgops.dbrestore.plugins.module_utils.restart import RestartSpec
@@ -128,6 +130,15 @@ class Preflight:
             if names:
                 self.problems.append(f'"{db}" has {what} {", ".join(names)}: {fix}')
         return self
+
+    def can_pause(self, poolers: tuple[Pooler, ...], fallback: str) -> list[str]:
+        """Each PgBouncer's admin console answers and the database there can be paused; returns warnings (what
+        pgbouncer_fallback=switch will leave unpaused)."""
+        if not poolers:
+            return []
+        found, notes = pooler_problems(poolers, fallback)
+        self.problems += found
+        return notes
 
     def _sudo_allowed(self, restart: RestartSpec | None) -> None:
         argv = restart.argv() if restart else []

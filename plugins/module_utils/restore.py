@@ -15,6 +15,8 @@ from typing import Any
 
 from ansible_collections.pgops.dbrestore.plugins.module_utils.blocking import CHOICES as BLOCK_CHOICES
 from ansible_collections.pgops.dbrestore.plugins.module_utils.operation import Operation
+from ansible_collections.pgops.dbrestore.plugins.module_utils.pooler import FALLBACKS as POOLER_FALLBACKS
+from ansible_collections.pgops.dbrestore.plugins.module_utils.pooler import Pooler
 from ansible_collections.pgops.dbrestore.plugins.module_utils.postgres import ConnParams, PgOpsError, psycopg, sql_error
 from ansible_collections.pgops.dbrestore.plugins.module_utils.restart import (
     FALLBACKS,
@@ -55,6 +57,9 @@ class RestoreRequest:
     fallback: str = "none"
     restart: RestartSpec | None = None
     phase: str = "all"
+    pgbouncers: tuple[Pooler, ...] = ()  # paused around the switch (dicts of Pooler's fields are taken too)
+    pgbouncer_pause_timeout: float = 10
+    pgbouncer_fallback: str = "none"
 
     @classmethod
     def from_params(cls, p: dict[str, Any]) -> RestoreRequest:
@@ -82,9 +87,24 @@ class RestoreRequest:
             fallback=p["fallback"],
             restart=restart_spec_from_params(p),
             phase=p["phase"],
+            pgbouncers=tuple(Pooler.from_params(b, p["db"]) for b in p.get("pgbouncers") or ()),
+            pgbouncer_pause_timeout=p.get("pgbouncer_pause_timeout", 10),
+            pgbouncer_fallback=p.get("pgbouncer_fallback") or "none",
         )
 
     def __post_init__(self) -> None:
+        self.pgbouncers = tuple(b if isinstance(b, Pooler) else Pooler.from_params(b, self.db) for b in self.pgbouncers)
+        if self.pgbouncer_fallback not in POOLER_FALLBACKS:
+            raise PgOpsError(
+                f"pgbouncer_fallback must be one of {list(POOLER_FALLBACKS)}, not {self.pgbouncer_fallback!r}"
+            )
+        if self.pgbouncers and self.strategy == "replace" and not self.rollback:
+            raise PgOpsError(
+                "pgbouncers pauses PgBouncer around a swap's short switch; strategy=replace keeps the "
+                "database away for the whole restore: use strategy=swap, or leave pgbouncers out"
+            )
+        if self.pgbouncer_pause_timeout <= 0:
+            raise PgOpsError("pgbouncer_pause_timeout must be more than 0 seconds")
         if self.strategy not in STRATEGIES:
             raise PgOpsError(f"strategy must be one of {list(STRATEGIES)}, not {self.strategy!r}")
         if self.phase not in PHASES:
@@ -137,6 +157,8 @@ class RestoreResult:
     terminated: list[dict] = field(default_factory=list)
     restarted: bool = False
     switch_window_ms: int = 0
+    pgbouncer_pause_ms: int = 0  # PAUSE sent to RESUME done: how long clients behind PgBouncer waited at most
+    pgbouncers: list[dict] = field(default_factory=list)
     phases_ms: dict[str, int] = field(default_factory=dict)
     stripped_statements: list[str] = field(default_factory=list)
     rollback: dict[str, Any] = field(default_factory=dict)
