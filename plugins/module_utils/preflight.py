@@ -16,10 +16,12 @@ from typing import Any
 from ansible_collections.pgops.dbrestore.plugins.module_utils.dumpfile import DumpSource
 from ansible_collections.pgops.dbrestore.plugins.module_utils.pooler import Pooler
 from ansible_collections.pgops.dbrestore.plugins.module_utils.pooler import problems as pooler_problems
-from ansible_collections.pgops.dbrestore.plugins.module_utils.postgres import PgOpsError, ServerInfo
+from ansible_collections.pgops.dbrestore.plugins.module_utils.postgres import ConnParams, PgOpsError, ServerInfo
 from ansible_collections.pgops.dbrestore.plugins.module_utils.registry import Registry
 from ansible_collections.pgops.dbrestore.plugins.module_utils.restart import RestartSpec
 from ansible_collections.pgops.dbrestore.plugins.module_utils.sessions import list_sessions
+from ansible_collections.pgops.dbrestore.plugins.module_utils.standbys import Standby
+from ansible_collections.pgops.dbrestore.plugins.module_utils.standbys import problems as standby_problems
 from ansible_collections.pgops.dbrestore.plugins.module_utils.tools import find_tool, tool_version
 
 # the newest archive format version each pg_restore major reads (pg_backup_archiver.h, K_VERS_MAX)
@@ -139,6 +141,11 @@ class Preflight:
         found, notes = pooler_problems(poolers, fallback)
         self.problems += found
         return notes
+
+    def can_follow(self, params: ConnParams, standbys: tuple[Standby, ...]) -> Preflight:
+        """Each standby answers, is in recovery, and lets the login role end sessions there."""
+        self.problems += standby_problems(params, self.info.version_num, standbys)
+        return self
 
     def _sudo_allowed(self, restart: RestartSpec | None) -> None:
         argv = restart.argv() if restart else []

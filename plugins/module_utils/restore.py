@@ -23,6 +23,7 @@ from ansible_collections.pgops.dbrestore.plugins.module_utils.restart import (
     RestartSpec,
     restart_spec_from_params,
 )
+from ansible_collections.pgops.dbrestore.plugins.module_utils.standbys import Standby
 from ansible_collections.pgops.dbrestore.plugins.module_utils.strategies import (
     PHASES,
     STRATEGIES,
@@ -60,6 +61,8 @@ class RestoreRequest:
     pgbouncers: tuple[Pooler, ...] = ()  # paused around the switch (dicts of Pooler's fields are taken too)
     pgbouncer_pause_timeout: float = 10
     pgbouncer_fallback: str = "none"
+    standbys: tuple[Standby, ...] = ()  # followed after the switch (dicts of Standby's fields are taken too)
+    standby_timeout: float = 30
 
     @classmethod
     def from_params(cls, p: dict[str, Any]) -> RestoreRequest:
@@ -90,10 +93,20 @@ class RestoreRequest:
             pgbouncers=tuple(Pooler.from_params(b, p["db"]) for b in p.get("pgbouncers") or ()),
             pgbouncer_pause_timeout=p.get("pgbouncer_pause_timeout", 10),
             pgbouncer_fallback=p.get("pgbouncer_fallback") or "none",
+            standbys=tuple(Standby.from_params(s) for s in p.get("standbys") or ()),
+            standby_timeout=p.get("standby_timeout", 30),
         )
 
     def __post_init__(self) -> None:
         self.pgbouncers = tuple(b if isinstance(b, Pooler) else Pooler.from_params(b, self.db) for b in self.pgbouncers)
+        self.standbys = tuple(s if isinstance(s, Standby) else Standby.from_params(s) for s in self.standbys)
+        if self.standby_timeout <= 0:
+            raise PgOpsError("standby_timeout must be more than 0 seconds")
+        if self.standbys and self.strategy == "replace" and not self.rollback:
+            raise PgOpsError(
+                "standbys follows a swap's rename; strategy=replace drops the database, which ends the "
+                "standbys' sessions itself: leave standbys out"
+            )
         if self.pgbouncer_fallback not in POOLER_FALLBACKS:
             raise PgOpsError(
                 f"pgbouncer_fallback must be one of {list(POOLER_FALLBACKS)}, not {self.pgbouncer_fallback!r}"
@@ -159,6 +172,7 @@ class RestoreResult:
     switch_window_ms: int = 0
     pgbouncer_pause_ms: int = 0  # PAUSE sent to RESUME done: how long clients behind PgBouncer waited at most
     pgbouncers: list[dict] = field(default_factory=list)
+    standbys: list[dict] = field(default_factory=list)  # per standby: replayed, lag_bytes, lag_ms, sessions_ended
     phases_ms: dict[str, int] = field(default_factory=dict)
     stripped_statements: list[str] = field(default_factory=list)
     rollback: dict[str, Any] = field(default_factory=dict)

@@ -63,6 +63,7 @@ from ansible_collections.pgops.dbrestore.plugins.module_utils.sessions import (
     list_sessions,
     terminate_backends,
 )
+from ansible_collections.pgops.dbrestore.plugins.module_utils.standbys import Follow, switch_lsn
 
 # all: the whole restore; stage/switch split it so a set of databases (shards) is switched only
 # when every staged copy verified; abort drops a staged copy
@@ -98,6 +99,7 @@ class Target:
         if self.live_oid is not None:
             checks.can_switch(self.db, req.fallback, req.restart)
             self.op.res.warnings += checks.can_pause(req.pgbouncers, req.pgbouncer_fallback)
+            checks.can_follow(self.op.params, req.standbys)
         return checks
 
     def _ours(self, oid: int) -> bool:
@@ -263,6 +265,24 @@ def poolers_paused(op: Operation) -> Iterator[None]:
     finally:
         op.res.pgbouncer_pause_ms = pause.pause_ms
         op.res.pgbouncers = [r.as_dict() for r in pause.reports]
+
+
+def follow_standbys(op: Operation, old_db: str) -> None:
+    """After the switch: each standby replays it, then its sessions on the old copy end (standbys)."""
+    req = op.req
+    if not req.standbys:
+        return
+    follow = Follow(op.params, req.standbys, req.standby_timeout)
+    try:
+        follow.run(switch_lsn(op.conn), old_db, req.db)
+    finally:
+        op.res.standbys = [r.as_dict() for r in follow.reports]
+        op.res.log += follow.log
+
+
+def standby_text(op: Operation) -> str:
+    n = len(op.req.standbys)
+    return f"; wait for {n} standby(s) to replay it and end their sessions on the old copy" if n else ""
 
 
 def pause_text(op: Operation) -> str:
@@ -463,10 +483,12 @@ def switch_steps(t: Target) -> list[Step]:
             f'switched: "{t.db}" is the restored copy, the old one is "{prev}"; app-visible window '
             f"{op.res.switch_window_ms} ms, {op.res.terminated_count} session(s) ended{paused}"
         )
+        follow_standbys(op, prev)
 
     text = (
         pause_text(op)
         + f'close and clear "{t.db}" ({t.method.name}), rename it to "{prev}" and "{t.staging}" to "{t.db}"'
+        + standby_text(op)
     )
     return [Step("switch", text, run), *prune(t, "previous", req.keep_previous, planned_prune(t, "previous", prev))]
 
@@ -556,11 +578,19 @@ class Rollback:
             }
             kept = f'the replaced one is kept as "{undone}"' if t.live_oid is not None else "nothing was replaced"
             op.res.log.append(f'rolled back: "{t.db}" is again the copy from before the restore; {kept}')
+            if t.live_oid is not None:
+                follow_standbys(op, undone)
 
         text = pause_text(op) + f'close and clear "{t.db}", rename it to "{undone}", ' if t.live_oid is not None else ""
         planned = planned_prune(t, "undone", undone) if t.live_oid is not None else []
         return [
-            Step("switch", text + f'rename "{prev.name}" to "{t.db}" and reopen it', lambda: (run(), report())),
+            Step(
+                "switch",
+                text
+                + f'rename "{prev.name}" to "{t.db}" and reopen it'
+                + (standby_text(op) if t.live_oid is not None else ""),
+                lambda: (run(), report()),
+            ),
             *prune(t, "undone", op.req.keep_previous, planned),
         ]
 

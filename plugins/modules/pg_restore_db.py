@@ -216,6 +216,41 @@ options:
         resumed and nothing is switched (the staging copy is dropped).
     type: float
     default: 10
+  standbys:
+    description:
+      - Streaming (physical) standbys of the server. A rename replays on a standby without ending its sessions, so a
+        session opened there before the switch keeps reading the old copy. After the switch the module waits until
+        each standby has replayed past the switch's WAL position, then ends the sessions there still attached to the
+        old copy (C(<db>_prev_<UTC time>), or C(<db>_undone_<UTC time>) for a rollback); reconnecting clients read
+        the restored data. RV(standbys) reports each one's lag and the sessions ended.
+      - The connection to a standby is the primary's (O(login_db), TLS options, O(connect_params)) with its own host
+        and port, and, when given, its own user and password. The login role must be a superuser or a member of
+        C(pg_signal_backend) (checked before anything is staged, in check mode too). Needs PostgreSQL 10 or newer.
+      - When a standby does not replay the switch within O(standby_timeout), the run fails after the switch
+        (C(changed=true)) and says what to run there.
+    type: list
+    elements: dict
+    default: []
+    suboptions:
+      host:
+        description: The standby's address.
+        type: str
+        required: true
+      port:
+        description: Its port.
+        type: int
+        default: 5432
+      user:
+        description: Login role there (default O(login_user)).
+        type: str
+      password:
+        description: Its password (default O(login_password)).
+        type: str
+  standby_timeout:
+    description:
+      - Seconds to wait for each standby of O(standbys) to replay the switch.
+    type: float
+    default: 30
   pgbouncer_fallback:
     description:
       - V(switch) switches without pausing a PgBouncer that cannot be paused (session pooling with connected clients);
@@ -390,6 +425,13 @@ pgbouncer_pause_ms:
   returned: always
   type: int
   sample: 210
+standbys:
+  description: Per standby of O(standbys), whether it replayed the switch, how far behind it was (bytes) and how long
+    it took (ms), and how many sessions on the old copy were ended there.
+  returned: always
+  type: list
+  elements: dict
+  sample: [{address: "10.0.0.9:5432", replayed: true, lag_bytes: 5120, lag_ms: 14, sessions_ended: 8, error: ""}]
 pgbouncers:
   description: Per PgBouncer of O(pgbouncers), what happened there.
   returned: always
@@ -456,6 +498,7 @@ from ansible_collections.pgops.dbrestore.plugins.module_utils.postgres import (
 )
 from ansible_collections.pgops.dbrestore.plugins.module_utils.restart import restart_argument_spec
 from ansible_collections.pgops.dbrestore.plugins.module_utils.restore import RestoreRequest, restore_database
+from ansible_collections.pgops.dbrestore.plugins.module_utils.standbys import standbys_argument_spec
 from ansible_collections.pgops.dbrestore.plugins.module_utils.strategies import PHASES, STRATEGIES
 
 
@@ -485,6 +528,7 @@ def main() -> None:
     )
     argument_spec.update(block_argument_spec(BLOCK_CHOICES, default="allow_connections"))
     argument_spec.update(pgbouncers_argument_spec())
+    argument_spec.update(standbys_argument_spec())
     module = AnsibleModule(argument_spec=argument_spec, supports_check_mode=True)
     if PSYCOPG_IMPORT_ERROR:
         module.fail_json(msg=missing_required_lib("psycopg"), exception=PSYCOPG_IMPORT_ERROR)

@@ -44,7 +44,7 @@ def _db_with(pg: PgServer, name: str, value: str) -> None:
 
 
 @pytest.fixture
-def dumps(pg: PgServer, tmp_path: Path):
+def marker_dumps(pg: PgServer, tmp_path: Path):
     """A live database reading 'old', and dumps reading 'new' and 'newer'."""
     made = {}
     for value in ("new", "newer"):
@@ -66,15 +66,15 @@ def restore(pg: PgServer, src: Path, **kw):
     return restore_database(pg.params(), request)
 
 
-def test_pause_makes_the_switch_invisible_to_pooled_clients(pg: PgServer, bouncer: PgBouncer, dumps):
+def test_pause_makes_the_switch_invisible_to_pooled_clients(pg: PgServer, bouncer: PgBouncer, marker_dumps):
     with Probe(bouncer.conninfo(ALIAS), "SELECT v FROM marker", clients=20, interval=0.01) as probe:
         probe.wait_all_read("old")
-        res = restore(pg, dumps["new"], pgbouncers=[bouncer.target(ALIAS)], pgbouncer_pause_timeout=5)
+        res = restore(pg, marker_dumps["new"], pgbouncers=[bouncer.target(ALIAS)], pgbouncer_pause_timeout=5)
         probe.wait_all_read("new")
         paused_failed, paused_longest, paused_queries = probe.failed, probe.longest_ms, probe.queries
 
         # control run: the same probe, the same switch without pgbouncers
-        res_control = restore(pg, dumps["newer"])
+        res_control = restore(pg, marker_dumps["newer"])
         probe.wait_all_read("newer")
         control_failed = probe.failed - paused_failed
     print(f"\nwith pgbouncers: {paused_queries} queries, 0 expected failed, {paused_failed} failed, longest "
@@ -93,10 +93,10 @@ def test_pause_makes_the_switch_invisible_to_pooled_clients(pg: PgServer, bounce
     assert res_control.pgbouncer_pause_ms == 0 and res_control.terminated_count > 0
 
 
-def test_killed_while_paused_the_guard_resumes(pg: PgServer, bouncer: PgBouncer, dumps, tmp_path: Path):
+def test_killed_while_paused_the_guard_resumes(pg: PgServer, bouncer: PgBouncer, marker_dumps, tmp_path: Path):
     with Probe(bouncer.conninfo(ALIAS), "SELECT v FROM marker", clients=4) as probe:
         probe.wait_all_read("old")
-        request = {"db": LIVE, "src": str(dumps["new"]), "jobs": 1, "pgbouncers": [bouncer.target(ALIAS)]}
+        request = {"db": LIVE, "src": str(marker_dumps["new"]), "jobs": 1, "pgbouncers": [bouncer.target(ALIAS)]}
         proc = paused_restore(pg, request, "pgbouncer-paused", tmp_path)
         assert bouncer.paused(ALIAS)
         os.kill(proc.pid, signal.SIGKILL)
@@ -109,18 +109,18 @@ def test_killed_while_paused_the_guard_resumes(pg: PgServer, bouncer: PgBouncer,
         assert probe.failed == 0, probe.errors
     staging = staging_name(LIVE)
     assert pg.sql("SELECT 1 FROM pg_database WHERE datname = %s", (staging,)), "the killed run staged a copy"
-    res = restore(pg, dumps["new"], pgbouncers=[bouncer.target(ALIAS)])  # the next run cleans up
+    res = restore(pg, marker_dumps["new"], pgbouncers=[bouncer.target(ALIAS)])  # the next run cleans up
     assert staging in res.dropped and pg.sql("SELECT v FROM marker", dbname=LIVE) == [("new",)]
 
 
-def test_session_pooling_with_clients_is_refused_unless_the_fallback_is_allowed(pg: PgServer, dumps):
+def test_session_pooling_with_clients_is_refused_unless_the_fallback_is_allowed(pg: PgServer, marker_dumps):
     session = PgBouncer(pg, pool_mode="session").start()
     try:
         with Probe(session.conninfo(LIVE), "SELECT v FROM marker", clients=2) as probe:
             probe.wait_all_read("old")
             for check_mode in (True, False):
                 with pytest.raises(PgOpsError) as err:
-                    restore_database(pg.params(), RestoreRequest(db=LIVE, src=str(dumps["new"]), jobs=1,
+                    restore_database(pg.params(), RestoreRequest(db=LIVE, src=str(marker_dumps["new"]), jobs=1,
                                                                  bindir=str(client_bindir()),
                                                                  pgbouncers=[session.target()]),
                                      check_mode=check_mode)  # fmt: skip
@@ -129,7 +129,7 @@ def test_session_pooling_with_clients_is_refused_unless_the_fallback_is_allowed(
             assert pg.sql("SELECT v FROM marker", dbname=LIVE) == [("old",)]
             assert not pg.sql("SELECT 1 FROM pg_database WHERE datname = %s", (staging_name(LIVE),))
 
-            res = restore(pg, dumps["new"], pgbouncers=[session.target()], pgbouncer_fallback="switch")
+            res = restore(pg, marker_dumps["new"], pgbouncers=[session.target()], pgbouncer_fallback="switch")
             assert res.pgbouncers[0]["paused"] is False and res.pgbouncers[0]["skipped"]
             assert res.pgbouncer_pause_ms == 0 and res.terminated_count >= 2  # the plain switch ended them
             probe.wait_all_read("new")
@@ -137,20 +137,20 @@ def test_session_pooling_with_clients_is_refused_unless_the_fallback_is_allowed(
         session.stop()
 
 
-def test_unreachable_pgbouncer_is_found_in_check_mode(pg: PgServer, dumps):
+def test_unreachable_pgbouncer_is_found_in_check_mode(pg: PgServer, marker_dumps):
     from tests.harness.pg import free_port
 
     with pytest.raises(PgOpsError) as err:
-        restore_database(pg.params(), RestoreRequest(db=LIVE, src=str(dumps["new"]), bindir=str(client_bindir()),
+        restore_database(pg.params(), RestoreRequest(db=LIVE, src=str(marker_dumps["new"]), bindir=str(client_bindir()),
                                                      pgbouncers=[{"host": "127.0.0.1", "port": free_port()}]),
                          check_mode=True)  # fmt: skip
     assert len(err.value.details["problems"]) == 1
     with pytest.raises(PgOpsError):
-        RestoreRequest(db=LIVE, src=str(dumps["new"]), strategy="replace", pgbouncers=[{"host": "127.0.0.1"}])
+        RestoreRequest(db=LIVE, src=str(marker_dumps["new"]), strategy="replace", pgbouncers=[{"host": "127.0.0.1"}])
 
 
-def test_module_options_pause_and_keep_the_password_out(pg: PgServer, bouncer: PgBouncer, dumps):
-    args = {**pg.module_args(), "db": LIVE, "src": str(dumps["new"]), "bindir": str(client_bindir()),
+def test_module_options_pause_and_keep_the_password_out(pg: PgServer, bouncer: PgBouncer, marker_dumps):
+    args = {**pg.module_args(), "db": LIVE, "src": str(marker_dumps["new"]), "bindir": str(client_bindir()),
             "pgbouncers": [bouncer.target(ALIAS)], "pgbouncer_pause_timeout": 5}  # fmt: skip
     checked = run_module("pgops.dbrestore.pg_restore_db", args, check=True)
     assert checked["changed"] and not checked.get("failed"), checked.get("msg")
@@ -158,5 +158,5 @@ def test_module_options_pause_and_keep_the_password_out(pg: PgServer, bouncer: P
     done = run_module("pgops.dbrestore.pg_restore_db", args)
     assert done["changed"] and not done.get("failed"), done.get("msg")
     assert done["pgbouncers"][0]["paused"] and done["pgbouncers"][0]["resumed"] and done["pgbouncer_pause_ms"] > 0
-    assert "pgops-test-secret" not in json.dumps(done)
+    assert "pgops-test-secret" not in json.marker_dumps(done)
     assert not bouncer.paused(ALIAS)
