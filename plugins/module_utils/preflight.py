@@ -18,7 +18,7 @@ from ansible_collections.pgops.dbrestore.plugins.module_utils.pooler import Pool
 from ansible_collections.pgops.dbrestore.plugins.module_utils.pooler import problems as pooler_problems
 from ansible_collections.pgops.dbrestore.plugins.module_utils.postgres import ConnParams, PgOpsError, ServerInfo
 from ansible_collections.pgops.dbrestore.plugins.module_utils.registry import Registry
-from ansible_collections.pgops.dbrestore.plugins.module_utils.restart import RestartSpec
+from ansible_collections.pgops.dbrestore.plugins.module_utils.restart import RestartSpec, check_restart
 from ansible_collections.pgops.dbrestore.plugins.module_utils.sessions import list_sessions
 from ansible_collections.pgops.dbrestore.plugins.module_utils.standbys import Standby
 from ansible_collections.pgops.dbrestore.plugins.module_utils.standbys import problems as standby_problems
@@ -119,6 +119,7 @@ class Preflight:
             )
         if fallback == "restart":
             self._sudo_allowed(restart)
+            self._patroni(restart)
             return self
         stuck = sorted({s.user or "?" for s in list_sessions(self.conn, self.info, db) if not s.can_signal})
         if stuck:
@@ -146,6 +147,15 @@ class Preflight:
         """Each standby answers, is in recovery, and lets the login role end sessions there."""
         self.problems += standby_problems(params, self.info.version_num, standbys)
         return self
+
+    def _patroni(self, restart: RestartSpec | None) -> None:
+        """Restart through Patroni when it manages the server: its REST API answers, or nothing else is used."""
+        if restart is None:
+            return
+        try:
+            check_restart(restart)
+        except PgOpsError as exc:
+            self.problems.append(str(exc))
 
     def _sudo_allowed(self, restart: RestartSpec | None) -> None:
         argv = restart.argv() if restart else []

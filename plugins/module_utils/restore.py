@@ -129,7 +129,9 @@ class RestoreRequest:
         if self.fallback not in FALLBACKS:
             raise PgOpsError(f"fallback must be one of {list(FALLBACKS)}, not {self.fallback!r}")
         if self.fallback == "restart" and self.restart is None:
-            raise PgOpsError("fallback=restart needs restart_service, restart_data_dir or restart_command")
+            raise PgOpsError(
+                "fallback=restart needs restart_patroni_url, restart_service, restart_data_dir or restart_command"
+            )
         if self.phase != "all" and (self.strategy != "swap" or self.rollback):
             raise PgOpsError(f"phase={self.phase} works with strategy=swap only, and not with rollback")
         if self.rollback and self.src:
