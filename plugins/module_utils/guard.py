@@ -21,9 +21,9 @@ from ansible_collections.pgops.dbrestore.plugins.module_utils.postgres import SA
 # (rendered by the block method, so the guard knows no method of its own).
 _GUARD_SCRIPT = r"""
 import sys, time
-import psycopg
 if sys.stdin.buffer.read() == b"done":
     sys.exit(0)
+import psycopg  # only now: release() waits for this process, so "done" must not wait for the import
 search_path, db, statements = sys.argv[1], sys.argv[2], sys.argv[3:]
 deadline = time.monotonic() + 300  # the server may be restarting (fallback)
 while True:
@@ -45,10 +45,10 @@ while True:
 # SHOW DATABASES says the database is still paused.
 _RESUME_SCRIPT = r"""
 import json, sys, time
-import psycopg
 targets = json.loads(sys.stdin.buffer.readline())
 if sys.stdin.buffer.read() == b"done":
     sys.exit(0)
+import psycopg
 deadline = time.monotonic() + 300
 def quote(name):
     return '"' + name.replace('"', '""') + '"'

@@ -13,10 +13,12 @@ import subprocess
 import time
 from pathlib import Path
 
+import psycopg
 import pytest
 from psycopg import sql
 
 from ansible_collections.pgops.dbrestore.plugins.module_utils.copies import staging_name
+from ansible_collections.pgops.dbrestore.plugins.module_utils.pooler import PAUSE_TIMED_OUT
 from ansible_collections.pgops.dbrestore.plugins.module_utils.postgres import PgOpsError
 from ansible_collections.pgops.dbrestore.plugins.module_utils.restore import RestoreRequest, restore_database
 from tests.conftest import drop_database
@@ -113,6 +115,23 @@ def test_killed_while_paused_the_guard_resumes(pg: PgServer, bouncer: PgBouncer,
     assert staging in res.dropped and pg.sql("SELECT v FROM marker", dbname=LIVE) == [("new",)]
 
 
+def test_pause_timeout_resumes_and_switches_nothing(pg: PgServer, bouncer: PgBouncer, marker_dumps):
+    """A transaction through PgBouncer outlasts pgbouncer_pause_timeout: RESUME, nothing switched, the staged copy
+    dropped, and the clients (the long transaction included) carry on."""
+    with psycopg.connect(autocommit=True, prepare_threshold=None, **bouncer.conninfo(ALIAS)) as long_tx:
+        long_tx.execute("BEGIN")
+        long_tx.execute("SELECT v FROM marker")
+        with pytest.raises(PgOpsError) as err:
+            restore(pg, marker_dumps["new"], pgbouncers=[bouncer.target(ALIAS)], pgbouncer_pause_timeout=1)
+        assert err.value.sqlstate == PAUSE_TIMED_OUT
+        assert err.value.details["pgbouncers"][0]["resumed"] and not err.value.details["pgbouncers"][0]["paused"]
+        assert not bouncer.paused(ALIAS)
+        assert long_tx.execute("SELECT v FROM marker").fetchone() == ("old",)
+        long_tx.execute("COMMIT")
+    assert pg.sql("SELECT v FROM marker", dbname=LIVE) == [("old",)]
+    assert not pg.sql("SELECT 1 FROM pg_database WHERE datname = %s", (staging_name(LIVE),))
+
+
 def test_session_pooling_with_clients_is_refused_unless_the_fallback_is_allowed(pg: PgServer, marker_dumps):
     session = PgBouncer(pg, pool_mode="session").start()
     try:
@@ -158,5 +177,5 @@ def test_module_options_pause_and_keep_the_password_out(pg: PgServer, bouncer: P
     done = run_module("pgops.dbrestore.pg_restore_db", args)
     assert done["changed"] and not done.get("failed"), done.get("msg")
     assert done["pgbouncers"][0]["paused"] and done["pgbouncers"][0]["resumed"] and done["pgbouncer_pause_ms"] > 0
-    assert "pgops-test-secret" not in json.marker_dumps(done)
+    assert "pgops-test-secret" not in json.dumps(done)
     assert not bouncer.paused(ALIAS)
