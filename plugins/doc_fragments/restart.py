@@ -15,7 +15,7 @@ options:
         O(restart_data_dir) or O(restart_command), or O(restart_patroni_url) for a server managed by Patroni. Every
         session of the server ends, not only those of the database.
       - A server managed by Patroni is never restarted with C(systemctl) or C(pg_ctl) behind Patroni's back (which
-        can trigger a failover): when Patroni's REST API answers on this host (C(http://127.0.0.1:8008)) or
+        can trigger a failover); when Patroni's REST API answers on this host (C(http://127.0.0.1:8008)) or
         O(restart_data_dir) holds C(patroni.dynamic.json), a restart command is refused (before anything is staged,
         in check mode too) and O(restart_patroni_url) must be set.
     type: str
