@@ -79,6 +79,13 @@ def test_pause_makes_the_switch_invisible_to_pooled_clients(pg: PgServer, bounce
         res_control = restore(pg, marker_dumps["newer"])
         probe.wait_all_read("newer")
         control_failed = probe.failed - paused_failed
+
+        # a rollback behind PgBouncer pauses it too
+        before_rollback = probe.failed
+        back = restore_database(pg.params(), RestoreRequest(db=LIVE, rollback=True, pgbouncers=[bouncer.target(ALIAS)]))
+        probe.wait_all_read("new")
+        assert probe.failed == before_rollback, probe.errors[before_rollback:]
+        assert back.pgbouncers[0]["resumed"] and back.pgbouncer_pause_ms > 0
     print(f"\nwith pgbouncers: {paused_queries} queries, 0 expected failed, {paused_failed} failed, longest "
           f"{paused_longest:.0f} ms, PgBouncer paused {res.pgbouncer_pause_ms} ms; without: {control_failed} failed, "
           f"e.g. {probe.errors[-1:]}")  # fmt: skip
