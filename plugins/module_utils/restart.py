@@ -11,13 +11,13 @@ holds patroni.dynamic.json) is refused.
 from __future__ import annotations
 
 import base64
+import http.client
 import json
 import os
 import subprocess
 import tempfile
 import time
-import urllib.error
-import urllib.request
+import urllib.parse
 from dataclasses import dataclass
 from typing import Any
 
@@ -110,19 +110,27 @@ def restart_spec_from_params(p: dict[str, Any]) -> RestartSpec | None:
 
 def patroni_call(url: str, spec: RestartSpec, method: str = "GET", body: dict | None = None,
                  timeout: float = 5) -> tuple[int, Any]:  # fmt: skip
-    """One Patroni REST API request: (HTTP status, parsed JSON or text); PgOpsError when it does not answer."""
-    data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+    """One Patroni REST API request: (HTTP status, parsed JSON or text); PgOpsError when it does not answer.
+
+    Plain http.client (module_utils also run without Ansible, so not ansible.module_utils.urls).
+    """
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise PgOpsError(f"{url!r} is not an http(s) URL of Patroni's REST API: check restart_patroni_url")
+    kind = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+    conn = kind(parts.hostname, parts.port, timeout=timeout)
+    headers = {"Content-Type": "application/json"}
     if spec.patroni_user:
         token = base64.b64encode(f"{spec.patroni_user}:{spec.patroni_password or ''}".encode()).decode()
-        req.add_header("Authorization", "Basic " + token)
+        headers["Authorization"] = "Basic " + token
     try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            status, raw = resp.status, resp.read()
-    except urllib.error.HTTPError as exc:
-        status, raw = exc.code, exc.read()
-    except (urllib.error.URLError, OSError) as exc:
+        conn.request(method, parts.path or "/", body=json.dumps(body) if body is not None else None, headers=headers)
+        resp = conn.getresponse()
+        status, raw = resp.status, resp.read()
+    except (OSError, http.client.HTTPException) as exc:
         raise PgOpsError(f"Patroni's REST API at {url} does not answer: {exc}") from exc
+    finally:
+        conn.close()
     text = raw.decode(errors="replace")
     try:
         return status, json.loads(text)
