@@ -15,6 +15,7 @@ from pathlib import Path
 
 from psycopg import sql
 
+from ansible_collections.pgops.dbrestore.plugins.module_utils.pooler import Pooler
 from ansible_collections.pgops.dbrestore.plugins.module_utils.restore import RestoreRequest, restore_database
 from ansible_collections.pgops.dbrestore.plugins.module_utils.sessions import ClearRequest, clear_sessions
 from tests.harness.ansible_run import ansible_env, run_module
@@ -103,6 +104,13 @@ def _request(db: str, dump: Path, strategy: str, force: bool) -> RestoreRequest:
 def restore_swap(pg: PgServer, db: str, dump: Path, force: bool = True) -> dict:
     """pg_restore_db strategy=swap; force=True restores again even when the database holds this dump."""
     return restore_database(pg.params(), _request(db, dump, "swap", force)).as_dict()
+
+
+def restore_swap_pooled(pg: PgServer, db: str, dump: Path, pgbouncers: list[dict]) -> dict:
+    """pg_restore_db swap with PgBouncer paused around the switch (pgbouncers); [] is the plain swap."""
+    request = _request(db, dump, "swap", True)
+    request.pgbouncers = tuple(Pooler.from_params(b, db) for b in pgbouncers)
+    return restore_database(pg.params(), request).as_dict()
 
 
 def restore_replace(pg: PgServer, db: str, dump: Path) -> dict:

@@ -11,6 +11,8 @@ OUTAGE_TARGET_S = 1.0
 FLAT_TARGET_S = 0.25  # how much the swap outage may grow from the smallest to the largest size
 WALL_RATIO_TARGET = 1.10
 RERUN_TARGET_S = 2.0
+POOLED_LONGEST_TARGET_MS = 250  # the longest query behind a paused PgBouncer
+POOLED = "swap with pgbouncers (PAUSE/RESUME)"
 
 SWAP = "pg_restore_db swap"
 CLEAR = "clear_sessions (block) + DROP"
@@ -141,6 +143,25 @@ def rerun_table(sizes: list[dict]) -> list[str]:
     return out
 
 
+def pooled_table(rows: list[dict]) -> list[str]:
+    out = [
+        "| method | switched | failed queries (total; per trial) | queries | longest query ms (worst; median) "
+        "| PgBouncer paused ms (median) | first error |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for method in _methods(rows):
+        sel = _by(rows, method=method)
+        per_trial = ", ".join(str(r["failed_queries"]) for r in sel)
+        longest = [r["longest_ms"] for r in sel]
+        pauses = [r["pgbouncer_pause_ms"] for r in sel if r.get("pgbouncer_pause_ms")]
+        out.append(
+            f"| {method} | {_rate(sel)} | {sum(r['failed_queries'] for r in sel)}; {per_trial} | "
+            f"{sum(r['queries'] for r in sel)} | {max(longest)}; {fmt(median(longest), 0)} | "
+            f"{fmt(median(pauses), 0) if pauses else '—'} | {sel[0]['first_error'][:80] or '—'} |"
+        )
+    return out
+
+
 # --- targets -------------------------------------------------------------------------------------
 
 
@@ -199,6 +220,14 @@ def targets(res: dict) -> list[str]:
     also = f"; through ansible-playbook {via['s']:.2f} s" if via["ok"] else "; ansible-playbook run failed"
     out.append(f"| idempotent rerun ≤ {RERUN_TARGET_S:g} s ({_size_label(sizes[-1])}) | direct {fmt(rerun)} s{also} | "
                f"{_verdict(rerun, RERUN_TARGET_S, ' s')} |")  # fmt: skip
+    pooled = _by(res.get("pgbouncer", []), method=POOLED)
+    if pooled:
+        failed = sum(r["failed_queries"] for r in pooled)
+        out.append(f"| behind PgBouncer: 0 failed queries with pgbouncers | {failed} | "
+                   f"{'met' if failed == 0 and all(r['ok'] for r in pooled) else 'missed'} |")  # fmt: skip
+        worst = float(max(r["longest_ms"] for r in pooled))
+        out.append(f"| behind PgBouncer: longest query ≤ {POOLED_LONGEST_TARGET_MS} ms | worst trial {worst:.0f} ms | "
+                   f"{_verdict(worst, POOLED_LONGEST_TARGET_MS, ' ms')} |")  # fmt: skip
     return out
 
 
@@ -229,6 +258,17 @@ def markdown(res: dict) -> str:
         "",
         *rerun_table(res["sizes"]),
         "",
+        *(
+            [
+                f"## 6. Behind PgBouncer (transaction pooling, {meta.get('pooled_clients', 20)} clients, a query every "
+                f"10 ms, pgbench -s 1, {meta.get('pooled_trials', 1)} trial(s) each)",
+                "",
+                *pooled_table(res["pgbouncer"]),
+                "",
+            ]
+            if res.get("pgbouncer")
+            else []
+        ),
         "## Targets",
         "",
         *targets(res),

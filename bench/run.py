@@ -33,6 +33,7 @@ from methods import (  # noqa: E402
     drop_reliably,
     pg_restore,
     restore_swap,
+    restore_swap_pooled,
     restore_via_ansible,
 )
 from psycopg import sql  # noqa: E402
@@ -40,6 +41,8 @@ from report import markdown, plot  # noqa: E402
 
 from ansible_collections.pgops.dbrestore.plugins.module_utils.postgres import PgOpsError  # noqa: E402
 from tests.harness.pg import PgServer, client_bindir, start_server  # noqa: E402
+from tests.harness.pgbouncer import BINARY as PGBOUNCER  # noqa: E402
+from tests.harness.pgbouncer import PgBouncer, Probe  # noqa: E402
 from tests.harness.storm import Storm  # noqa: E402
 
 # Fails unless the data are there: the app's view of "the database is up".
@@ -56,10 +59,12 @@ class Plan:
     wall_trials: int = 3
     rerun_trials: int = 3
     probes: int = 4
+    pooled_trials: int = 5
+    pooled_clients: int = 20
 
 
 FULL = Plan(scales=(1, 10, 50))
-QUICK = Plan(scales=(1,), drop_trials=2, outage_trials=1, wall_trials=1, rerun_trials=1)
+QUICK = Plan(scales=(1,), drop_trials=2, outage_trials=1, wall_trials=1, rerun_trials=1, pooled_trials=1)
 
 
 def log(msg: str) -> None:
@@ -73,7 +78,7 @@ def timed(fn: Callable[..., dict | None], *args: object) -> dict:
         out = fn(*args) or {}
     except (psycopg.Error, PgOpsError, Failed) as exc:
         return {"ok": False, "s": time.monotonic() - t, "error": " ".join(str(exc).split())}
-    keep = {k: out[k] for k in ("changed", "switch_window_ms", "phases_ms") if k in out}
+    keep = {k: out[k] for k in ("changed", "switch_window_ms", "phases_ms", "pgbouncer_pause_ms") if k in out}
     return {"ok": True, "s": time.monotonic() - t, **keep}
 
 
@@ -198,6 +203,46 @@ def bench_size(pg: PgServer, plan: Plan, scale: int, work: Path) -> dict:
     return size
 
 
+# --- scenario 6: behind PgBouncer ---------------------------------------------------------------
+
+POOLED_DB = "bench_pooled"
+POOLED_METHODS = ("swap with pgbouncers (PAUSE/RESUME)", "swap without pgbouncers")
+
+
+def bench_pgbouncer(pg: PgServer, plan: Plan, work: Path) -> list[dict]:
+    """20 clients query through PgBouncer (transaction pooling) every 10 ms while a swap switches the database:
+    failed queries and the longest query, with and without pgbouncers."""
+    env = pg.client_env()
+    pg.sql(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(POOLED_DB)))
+    subprocess.run([str(client_bindir() / "pgbench"), "-i", "-q", "-s", "1", POOLED_DB], env=env, check=True,
+                   capture_output=True)  # fmt: skip
+    dump = work / f"{POOLED_DB}.pgc"
+    subprocess.run([str(client_bindir() / "pg_dump"), "-Fc", "-f", str(dump), POOLED_DB], env=env, check=True)
+    bouncer = PgBouncer(pg).start()
+    rows: list[dict] = []
+    try:
+        for trial in range(plan.pooled_trials):
+            for method in POOLED_METHODS:
+                targets = [bouncer.target()] if "with " in method else []
+                with Probe(bouncer.conninfo(POOLED_DB), PROBE, clients=plan.pooled_clients) as probe:
+                    probe.wait_all_read(1)
+                    r = timed(restore_swap_pooled, pg, POOLED_DB, dump, targets)
+                    try:
+                        probe.wait_all_read(1, timeout=60)
+                    except TimeoutError:
+                        r.update(ok=False, error="the clients could not query the restored database within 60 s")
+                seen = {"failed_queries": probe.failed, "queries": probe.queries, "longest_ms": round(probe.longest_ms),
+                        "first_error": (probe.errors or [""])[0]}  # fmt: skip
+                rows.append({"method": method, "trial": trial, **seen, **r})
+                log(f"pgbouncer trial {trial}: {method}: {probe.failed} failed of {probe.queries} queries, longest "
+                    f"{probe.longest_ms:.0f} ms")  # fmt: skip
+    finally:
+        bouncer.stop()
+        for (name,) in pg.sql("SELECT datname FROM pg_database WHERE datname LIKE %s", (f"{POOLED_DB}%",)):
+            drop_reliably(pg, name)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--pg", type=int, default=18, choices=range(10, 19), metavar="N", help="PostgreSQL major 10-18")
@@ -231,6 +276,10 @@ def main() -> None:
         res: dict = {"meta": {}, "plan": asdict(plan)}
         res["drops"] = bench_drops(pg, plan)
         res["sizes"] = [bench_size(pg, plan, scale, work) for scale in plan.scales]
+        if os.access(PGBOUNCER, os.X_OK):
+            res["pgbouncer"] = bench_pgbouncer(pg, plan, work)
+        else:
+            notes.append(f"{PGBOUNCER} is missing (apt-get install pgbouncer): the PgBouncer scenario did not run")
         version = pg.sql("SHOW server_version")[0][0]
     finally:
         pg.destroy()
@@ -252,6 +301,8 @@ def main() -> None:
         "outage_trials": plan.outage_trials,
         "wall_trials": plan.wall_trials,
         "probes": plan.probes,
+        "pooled_trials": plan.pooled_trials,
+        "pooled_clients": plan.pooled_clients,
         "notes": notes,
     }
     write_outputs(res, args.out)

@@ -14,10 +14,14 @@ import subprocess
 from typing import Any
 
 from ansible_collections.pgops.dbrestore.plugins.module_utils.dumpfile import DumpSource
-from ansible_collections.pgops.dbrestore.plugins.module_utils.postgres import PgOpsError, ServerInfo
+from ansible_collections.pgops.dbrestore.plugins.module_utils.pooler import Pooler
+from ansible_collections.pgops.dbrestore.plugins.module_utils.pooler import problems as pooler_problems
+from ansible_collections.pgops.dbrestore.plugins.module_utils.postgres import ConnParams, PgOpsError, ServerInfo
 from ansible_collections.pgops.dbrestore.plugins.module_utils.registry import Registry
-from ansible_collections.pgops.dbrestore.plugins.module_utils.restart import RestartSpec
+from ansible_collections.pgops.dbrestore.plugins.module_utils.restart import RestartSpec, check_restart
 from ansible_collections.pgops.dbrestore.plugins.module_utils.sessions import list_sessions
+from ansible_collections.pgops.dbrestore.plugins.module_utils.standbys import Standby
+from ansible_collections.pgops.dbrestore.plugins.module_utils.standbys import problems as standby_problems
 from ansible_collections.pgops.dbrestore.plugins.module_utils.tools import find_tool, tool_version
 
 # the newest archive format version each pg_restore major reads (pg_backup_archiver.h, K_VERS_MAX)
@@ -115,6 +119,7 @@ class Preflight:
             )
         if fallback == "restart":
             self._sudo_allowed(restart)
+            self._patroni(restart)
             return self
         stuck = sorted({s.user or "?" for s in list_sessions(self.conn, self.info, db) if not s.can_signal})
         if stuck:
@@ -128,6 +133,29 @@ class Preflight:
             if names:
                 self.problems.append(f'"{db}" has {what} {", ".join(names)}: {fix}')
         return self
+
+    def can_pause(self, poolers: tuple[Pooler, ...], fallback: str) -> list[str]:
+        """Each PgBouncer's admin console answers and the database there can be paused; returns warnings (what
+        pgbouncer_fallback=switch will leave unpaused)."""
+        if not poolers:
+            return []
+        found, notes = pooler_problems(poolers, fallback)
+        self.problems += found
+        return notes
+
+    def can_follow(self, params: ConnParams, standbys: tuple[Standby, ...]) -> Preflight:
+        """Each standby answers, is in recovery, and lets the login role end sessions there."""
+        self.problems += standby_problems(params, self.info.version_num, standbys)
+        return self
+
+    def _patroni(self, restart: RestartSpec | None) -> None:
+        """Restart through Patroni when it manages the server: its REST API answers, or nothing else is used."""
+        if restart is None:
+            return
+        try:
+            check_restart(restart)
+        except PgOpsError as exc:
+            self.problems.append(str(exc))
 
     def _sudo_allowed(self, restart: RestartSpec | None) -> None:
         argv = restart.argv() if restart else []

@@ -15,12 +15,15 @@ from typing import Any
 
 from ansible_collections.pgops.dbrestore.plugins.module_utils.blocking import CHOICES as BLOCK_CHOICES
 from ansible_collections.pgops.dbrestore.plugins.module_utils.operation import Operation
+from ansible_collections.pgops.dbrestore.plugins.module_utils.pooler import FALLBACKS as POOLER_FALLBACKS
+from ansible_collections.pgops.dbrestore.plugins.module_utils.pooler import Pooler
 from ansible_collections.pgops.dbrestore.plugins.module_utils.postgres import ConnParams, PgOpsError, psycopg, sql_error
 from ansible_collections.pgops.dbrestore.plugins.module_utils.restart import (
     FALLBACKS,
     RestartSpec,
     restart_spec_from_params,
 )
+from ansible_collections.pgops.dbrestore.plugins.module_utils.standbys import Standby
 from ansible_collections.pgops.dbrestore.plugins.module_utils.strategies import (
     PHASES,
     STRATEGIES,
@@ -55,6 +58,11 @@ class RestoreRequest:
     fallback: str = "none"
     restart: RestartSpec | None = None
     phase: str = "all"
+    pgbouncers: tuple[Pooler, ...] = ()  # paused around the switch (dicts of Pooler's fields are taken too)
+    pgbouncer_pause_timeout: float = 10
+    pgbouncer_fallback: str = "none"
+    standbys: tuple[Standby, ...] = ()  # followed after the switch (dicts of Standby's fields are taken too)
+    standby_timeout: float = 30
 
     @classmethod
     def from_params(cls, p: dict[str, Any]) -> RestoreRequest:
@@ -82,9 +90,34 @@ class RestoreRequest:
             fallback=p["fallback"],
             restart=restart_spec_from_params(p),
             phase=p["phase"],
+            pgbouncers=tuple(Pooler.from_params(b, p["db"]) for b in p.get("pgbouncers") or ()),
+            pgbouncer_pause_timeout=p.get("pgbouncer_pause_timeout", 10),
+            pgbouncer_fallback=p.get("pgbouncer_fallback") or "none",
+            standbys=tuple(Standby.from_params(s) for s in p.get("standbys") or ()),
+            standby_timeout=p.get("standby_timeout", 30),
         )
 
     def __post_init__(self) -> None:
+        self.pgbouncers = tuple(b if isinstance(b, Pooler) else Pooler.from_params(b, self.db) for b in self.pgbouncers)
+        self.standbys = tuple(s if isinstance(s, Standby) else Standby.from_params(s) for s in self.standbys)
+        if self.standby_timeout <= 0:
+            raise PgOpsError("standby_timeout must be more than 0 seconds")
+        if self.standbys and self.strategy == "replace" and not self.rollback:
+            raise PgOpsError(
+                "standbys follows a swap's rename; strategy=replace drops the database, which ends the "
+                "standbys' sessions itself: leave standbys out"
+            )
+        if self.pgbouncer_fallback not in POOLER_FALLBACKS:
+            raise PgOpsError(
+                f"pgbouncer_fallback must be one of {list(POOLER_FALLBACKS)}, not {self.pgbouncer_fallback!r}"
+            )
+        if self.pgbouncers and self.strategy == "replace" and not self.rollback:
+            raise PgOpsError(
+                "pgbouncers pauses PgBouncer around a swap's short switch; strategy=replace keeps the "
+                "database away for the whole restore: use strategy=swap, or leave pgbouncers out"
+            )
+        if self.pgbouncer_pause_timeout <= 0:
+            raise PgOpsError("pgbouncer_pause_timeout must be more than 0 seconds")
         if self.strategy not in STRATEGIES:
             raise PgOpsError(f"strategy must be one of {list(STRATEGIES)}, not {self.strategy!r}")
         if self.phase not in PHASES:
@@ -96,7 +129,9 @@ class RestoreRequest:
         if self.fallback not in FALLBACKS:
             raise PgOpsError(f"fallback must be one of {list(FALLBACKS)}, not {self.fallback!r}")
         if self.fallback == "restart" and self.restart is None:
-            raise PgOpsError("fallback=restart needs restart_service, restart_data_dir or restart_command")
+            raise PgOpsError(
+                "fallback=restart needs restart_patroni_url, restart_service, restart_data_dir or restart_command"
+            )
         if self.phase != "all" and (self.strategy != "swap" or self.rollback):
             raise PgOpsError(f"phase={self.phase} works with strategy=swap only, and not with rollback")
         if self.rollback and self.src:
@@ -137,6 +172,9 @@ class RestoreResult:
     terminated: list[dict] = field(default_factory=list)
     restarted: bool = False
     switch_window_ms: int = 0
+    pgbouncer_pause_ms: int = 0  # PAUSE sent to RESUME done: how long clients behind PgBouncer waited at most
+    pgbouncers: list[dict] = field(default_factory=list)
+    standbys: list[dict] = field(default_factory=list)  # per standby: replayed, lag_bytes, lag_ms, sessions_ended
     phases_ms: dict[str, int] = field(default_factory=dict)
     stripped_statements: list[str] = field(default_factory=list)
     rollback: dict[str, Any] = field(default_factory=dict)

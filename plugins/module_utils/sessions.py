@@ -38,6 +38,7 @@ from ansible_collections.pgops.dbrestore.plugins.module_utils.registry import Re
 from ansible_collections.pgops.dbrestore.plugins.module_utils.restart import (
     FALLBACKS,
     RestartSpec,
+    check_restart,
     restart_server,
     restart_spec_from_params,
     wait_for_server,
@@ -165,7 +166,9 @@ class ClearRequest:
         if self.fallback not in FALLBACKS:
             raise PgOpsError(f"fallback must be one of {list(FALLBACKS)}, not {self.fallback!r}")
         if self.fallback == "restart" and self.restart is None:
-            raise PgOpsError("fallback=restart needs restart_service, restart_data_dir or restart_command")
+            raise PgOpsError(
+                "fallback=restart needs restart_patroni_url, restart_service, restart_data_dir or restart_command"
+            )
 
 
 @dataclass
@@ -364,6 +367,8 @@ def clear_sessions(
         if stuck and not use_restart:
             raise PgOpsError(privilege_problem(info, req.db, stuck))
         res.method = "restart" if use_restart else ("pg_terminate_backend" if matching else "none")
+        if use_restart:  # a restart behind Patroni's back is refused before anything is closed (check mode too)
+            check_restart(req.restart)  # type: ignore[arg-type]
         if req.block != "none":
             closure = Closure(conn, params, req.db, block_method(req.block, info))
         already_closed = closure is not None and closure.state.closed

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from ansible_collections.pgops.dbrestore.plugins.module_utils.blocking import (
@@ -43,6 +44,7 @@ from ansible_collections.pgops.dbrestore.plugins.module_utils.load import (
     verify,
 )
 from ansible_collections.pgops.dbrestore.plugins.module_utils.operation import Operation, Step, pause_point
+from ansible_collections.pgops.dbrestore.plugins.module_utils.pooler import Pause
 from ansible_collections.pgops.dbrestore.plugins.module_utils.postgres import (
     OBJECT_IN_USE,
     PgOpsError,
@@ -61,6 +63,7 @@ from ansible_collections.pgops.dbrestore.plugins.module_utils.sessions import (
     list_sessions,
     terminate_backends,
 )
+from ansible_collections.pgops.dbrestore.plugins.module_utils.standbys import Follow, switch_lsn
 
 # all: the whole restore; stage/switch split it so a set of databases (shards) is switched only
 # when every staged copy verified; abort drops a staged copy
@@ -95,6 +98,8 @@ class Target:
         checks = Preflight(self.op.conn, self.op.info).can_record(self.op.registry)
         if self.live_oid is not None:
             checks.can_switch(self.db, req.fallback, req.restart)
+            self.op.res.warnings += checks.can_pause(req.pgbouncers, req.pgbouncer_fallback)
+            checks.can_follow(self.op.params, req.standbys)
         return checks
 
     def _ours(self, oid: int) -> bool:
@@ -242,6 +247,47 @@ def close_and_clear(op: Operation, method: BlockMethod, then: Callable[[Any, Clo
     finally:
         op.res.switch_window_ms = int((time.monotonic() - t) * 1000)
     _record_clear(op, cleared)
+
+
+@contextmanager
+def poolers_paused(op: Operation) -> Iterator[None]:
+    """PgBouncers in front of the database paused for the body (pgbouncers), resumed on every way out."""
+    req = op.req
+    if not req.pgbouncers:
+        yield
+        return
+    pause = Pause(req.pgbouncers, req.pgbouncer_pause_timeout, req.pgbouncer_fallback, log=op.res.log,
+                  warnings=op.res.warnings)  # fmt: skip
+    try:
+        with pause.held():
+            pause_point("pgbouncer-paused")  # no pooled session left, nothing switched yet: the guard's moment
+            yield
+    finally:
+        op.res.pgbouncer_pause_ms = pause.pause_ms
+        op.res.pgbouncers = [r.as_dict() for r in pause.reports]
+
+
+def follow_standbys(op: Operation, old_db: str) -> None:
+    """After the switch: each standby replays it, then its sessions on the old copy end (standbys)."""
+    req = op.req
+    if not req.standbys:
+        return
+    follow = Follow(op.params, req.standbys, req.standby_timeout)
+    try:
+        follow.run(switch_lsn(op.conn), old_db, req.db)
+    finally:
+        op.res.standbys = [r.as_dict() for r in follow.reports]
+        op.res.log += follow.log
+
+
+def standby_text(op: Operation) -> str:
+    n = len(op.req.standbys)
+    return f"; wait for {n} standby(s) to replay it and end their sessions on the old copy" if n else ""
+
+
+def pause_text(op: Operation) -> str:
+    n = len(op.req.pgbouncers)
+    return f"pause {n} PgBouncer(s), " if n else ""
 
 
 def _record_clear(op: Operation, cleared: ClearResult) -> None:
@@ -424,19 +470,26 @@ def switch_steps(t: Target) -> list[Step]:
             op.res.rollback_sql = rollback_sql(op, t.method, state, prev)
 
         try:
-            close_and_clear(op, t.method, renames)
+            with poolers_paused(op):
+                close_and_clear(op, t.method, renames)
         except BaseException:
             if f"{t.db} -> {prev}" not in op.res.renamed:
                 _drop_quietly(op, t.staging, t.staging_oid)
             raise
         op.res.previous_db = prev
         op.res.rollback = {"db": t.db, "rollback": True}
+        paused = f", PgBouncer paused {op.res.pgbouncer_pause_ms} ms" if req.pgbouncers else ""
         op.res.log.append(
             f'switched: "{t.db}" is the restored copy, the old one is "{prev}"; app-visible window '
-            f"{op.res.switch_window_ms} ms, {op.res.terminated_count} session(s) ended"
+            f"{op.res.switch_window_ms} ms, {op.res.terminated_count} session(s) ended{paused}"
         )
+        follow_standbys(op, prev)
 
-    text = f'close and clear "{t.db}" ({t.method.name}), rename it to "{prev}" and "{t.staging}" to "{t.db}"'
+    text = (
+        pause_text(op)
+        + f'close and clear "{t.db}" ({t.method.name}), rename it to "{prev}" and "{t.staging}" to "{t.db}"'
+        + standby_text(op)
+    )
     return [Step("switch", text, run), *prune(t, "previous", req.keep_previous, planned_prune(t, "previous", prev))]
 
 
@@ -499,7 +552,8 @@ class Rollback:
                 if t.live_oid is None:
                     renames(op.conn, None)
                 else:
-                    close_and_clear(op, t.method, renames)
+                    with poolers_paused(op):
+                        close_and_clear(op, t.method, renames)
             finally:
                 guard.release()
 
@@ -524,11 +578,19 @@ class Rollback:
             }
             kept = f'the replaced one is kept as "{undone}"' if t.live_oid is not None else "nothing was replaced"
             op.res.log.append(f'rolled back: "{t.db}" is again the copy from before the restore; {kept}')
+            if t.live_oid is not None:
+                follow_standbys(op, undone)
 
-        text = f'close and clear "{t.db}", rename it to "{undone}", ' if t.live_oid is not None else ""
+        text = pause_text(op) + f'close and clear "{t.db}", rename it to "{undone}", ' if t.live_oid is not None else ""
         planned = planned_prune(t, "undone", undone) if t.live_oid is not None else []
         return [
-            Step("switch", text + f'rename "{prev.name}" to "{t.db}" and reopen it', lambda: (run(), report())),
+            Step(
+                "switch",
+                text
+                + f'rename "{prev.name}" to "{t.db}" and reopen it'
+                + (standby_text(op) if t.live_oid is not None else ""),
+                lambda: (run(), report()),
+            ),
             *prune(t, "undone", op.req.keep_previous, planned),
         ]
 

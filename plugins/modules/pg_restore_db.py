@@ -172,6 +172,92 @@ options:
       - Seconds to keep ending sessions of the live database before giving up (nothing is switched then).
     type: float
     default: 30
+  pgbouncers:
+    description:
+      - The PgBouncers in front of the database. Around the switch each gets C(PAUSE <database>) on its admin console
+        (it waits for running transactions, then closes its server connections; its clients' next queries wait),
+        and C(RESUME <database>) after it, so clients behind PgBouncer see a pause instead of an error.
+      - C(RESUME) is sent on every way out, also when the switch fails or the PAUSE times out, and a guard process
+        sends it if the module is killed while PgBouncer is paused.
+      - Works with transaction and statement pooling. In session pooling a client holds its server connection while
+        connected, so the run is refused (in check mode too) when such clients exist, unless
+        O(pgbouncer_fallback=switch).
+      - Used by O(strategy=swap), O(phase=switch) and O(rollback=true); refused with O(strategy=replace).
+    type: list
+    elements: dict
+    default: []
+    suboptions:
+      host:
+        description: Address of PgBouncer's admin console.
+        type: str
+        required: true
+      port:
+        description: Its port (C(listen_port) of pgbouncer.ini).
+        type: int
+        default: 6432
+      user:
+        description: A user listed in C(admin_users) of pgbouncer.ini.
+        type: str
+        default: pgbouncer
+      password:
+        description: That user's password.
+        type: str
+        default: ""
+      database:
+        description: The database's name in PgBouncer's C([databases]) section, when it differs from O(db).
+        type: str
+      connect_timeout:
+        description: Seconds to wait for the admin console to answer.
+        type: int
+        default: 5
+  pgbouncer_pause_timeout:
+    description:
+      - Seconds C(PAUSE) may wait for running transactions through PgBouncer. When it takes longer, every PgBouncer is
+        resumed and nothing is switched (the staging copy is dropped).
+    type: float
+    default: 10
+  standbys:
+    description:
+      - Streaming (physical) standbys of the server. A rename replays on a standby without ending its sessions, so a
+        session opened there before the switch keeps reading the old copy. After the switch the module waits until
+        each standby has replayed past the switch's WAL position, then ends the sessions there still attached to the
+        old copy (C(<db>_prev_<UTC time>), or C(<db>_undone_<UTC time>) for a rollback); reconnecting clients read
+        the restored data. RV(standbys) reports each one's lag and the sessions ended.
+      - The connection to a standby is the primary's (O(login_db), TLS options, O(connect_params)) with its own host
+        and port, and, when given, its own user and password. The login role must be a superuser or a member of
+        C(pg_signal_backend) (checked before anything is staged, in check mode too). Needs PostgreSQL 10 or newer.
+      - When a standby does not replay the switch within O(standby_timeout), the run fails after the switch
+        (C(changed=true)) and says what to run there.
+    type: list
+    elements: dict
+    default: []
+    suboptions:
+      host:
+        description: The standby's address.
+        type: str
+        required: true
+      port:
+        description: Its port.
+        type: int
+        default: 5432
+      user:
+        description: Login role there (default O(login_user)).
+        type: str
+      password:
+        description: Its password (default O(login_password)).
+        type: str
+  standby_timeout:
+    description:
+      - Seconds to wait for each standby of O(standbys) to replay the switch.
+    type: float
+    default: 30
+  pgbouncer_fallback:
+    description:
+      - V(switch) switches without pausing a PgBouncer that cannot be paused (session pooling with connected clients);
+        its clients see their sessions end, as without O(pgbouncers). V(none) refuses the run instead.
+    type: str
+    choices: [ none, switch ]
+    default: none
 notes:
   - Needs C(CREATEDB) (or superuser) and the right to end the live database's sessions (see
     M(pgops.dbrestore.pg_terminate_connections)).
@@ -210,6 +296,18 @@ EXAMPLES = r"""
     db: hoge_db
     src: /var/backups/postgresql/hoge_db.sql.zst
     strategy: replace
+
+- name: Restore behind PgBouncer (transaction pooling); its clients wait for the switch instead of failing
+  pgops.dbrestore.pg_restore_db:
+    db: hoge_db
+    src: /var/backups/postgresql/hoge_db.dump
+    pgbouncers:
+      - host: 10.0.0.7
+        user: pgbouncer
+        password: "{{ vault_pgbouncer_admin_password }}"
+        database: hoge  # its name in pgbouncer.ini [databases]
+    pgbouncer_pause_timeout: 5
+  register: restored  # restored.pgbouncer_pause_ms: the longest a pooled query waited
 """
 
 RETURN = r"""
@@ -321,6 +419,25 @@ switch_window_ms:
   returned: always
   type: int
   sample: 180
+pgbouncer_pause_ms:
+  description: Milliseconds from C(PAUSE) to the last C(RESUME) on the PgBouncers of O(pgbouncers) (0 without them),
+    the longest a query through them waited.
+  returned: always
+  type: int
+  sample: 210
+standbys:
+  description: Per standby of O(standbys), whether it replayed the switch, how far behind it was (bytes) and how long
+    it took (ms), and how many sessions on the old copy were ended there.
+  returned: always
+  type: list
+  elements: dict
+  sample: [{address: "10.0.0.9:5432", replayed: true, lag_bytes: 5120, lag_ms: 14, sessions_ended: 8, error: ""}]
+pgbouncers:
+  description: Per PgBouncer of O(pgbouncers), what happened there.
+  returned: always
+  type: list
+  elements: dict
+  sample: [{address: "10.0.0.7:6432", database: hoge_db, paused: true, skipped: "", drain_ms: 12, resumed: true}]
 phases_ms:
   description: Milliseconds per phase (lock, inspect, preflight, leftover, stage, verify, switch, prune, total).
   returned: always
@@ -372,6 +489,7 @@ from ansible.module_utils.basic import AnsibleModule, missing_required_lib
 
 from ansible_collections.pgops.dbrestore.plugins.module_utils.blocking import CHOICES as BLOCK_CHOICES
 from ansible_collections.pgops.dbrestore.plugins.module_utils.blocking import block_argument_spec
+from ansible_collections.pgops.dbrestore.plugins.module_utils.pooler import pgbouncers_argument_spec
 from ansible_collections.pgops.dbrestore.plugins.module_utils.postgres import (
     PSYCOPG_IMPORT_ERROR,
     ConnParams,
@@ -380,6 +498,7 @@ from ansible_collections.pgops.dbrestore.plugins.module_utils.postgres import (
 )
 from ansible_collections.pgops.dbrestore.plugins.module_utils.restart import restart_argument_spec
 from ansible_collections.pgops.dbrestore.plugins.module_utils.restore import RestoreRequest, restore_database
+from ansible_collections.pgops.dbrestore.plugins.module_utils.standbys import standbys_argument_spec
 from ansible_collections.pgops.dbrestore.plugins.module_utils.strategies import PHASES, STRATEGIES
 
 
@@ -408,6 +527,8 @@ def main() -> None:
         wait_timeout=dict(type="float", default=30),
     )
     argument_spec.update(block_argument_spec(BLOCK_CHOICES, default="allow_connections"))
+    argument_spec.update(pgbouncers_argument_spec())
+    argument_spec.update(standbys_argument_spec())
     module = AnsibleModule(argument_spec=argument_spec, supports_check_mode=True)
     if PSYCOPG_IMPORT_ERROR:
         module.fail_json(msg=missing_required_lib("psycopg"), exception=PSYCOPG_IMPORT_ERROR)

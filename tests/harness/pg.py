@@ -435,3 +435,28 @@ def start_server(major: int, base: Path | None = None, **settings: str) -> PgSer
         if fresh:  # nothing of a failed start stays behind
             server.destroy()
         raise
+
+
+def start_standby(primary: PgServer) -> PgServer:
+    """A streaming standby of primary: pg_basebackup -R of it (as the server's OS user), on a port of its own."""
+    base = Path(tempfile.mkdtemp(prefix=f"pgops-pg{primary.major}-standby-", dir=_server_tmp()))
+    standby = PgServer(major=primary.major, base=base)
+    try:
+        user = _ensure_os_user()
+        standby.socket_dir.mkdir()
+        if user:
+            for p in (base, standby.socket_dir):
+                os.chown(p, user.pw_uid, user.pw_gid)
+        standby._run(
+            [str(standby.bindir / "pg_basebackup"), "-h", "127.0.0.1", "-p", str(primary.port), "-U", SUPERUSER,
+             "-D", str(standby.datadir), "-R", "-X", "stream", "-c", "fast"],
+            env={**os.environ, "PGPASSWORD": SUPERUSER_PASSWORD},
+            stdout=subprocess.DEVNULL,
+        )  # fmt: skip
+        with open(standby.datadir / "postgresql.conf", "a") as f:  # the later line of a setting wins
+            f.write(f"port = {standby.port}\nunix_socket_directories = '{standby.socket_dir}'\nhot_standby = on\n")
+        standby.start().wait_ready()
+        return standby
+    except BaseException:
+        standby.destroy()
+        raise

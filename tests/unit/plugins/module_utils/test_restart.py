@@ -49,9 +49,12 @@ def test_root_uses_runuser(monkeypatch: pytest.MonkeyPatch):
 
 
 def test_needs_something_to_run():
-    with pytest.raises(PgOpsError, match=r"fallback=restart needs restart_service, restart_data_dir \(with pg_ctl\)"):
+    with pytest.raises(
+        PgOpsError,
+        match=r"fallback=restart needs restart_patroni_url, restart_service, restart_data_dir \(with pg_ctl\)",
+    ):
         RestartSpec()
-    with pytest.raises(PgOpsError, match="needs restart_service"):
+    with pytest.raises(PgOpsError, match="needs restart_patroni_url, restart_service"):
         RestartSpec(pg_ctl="/usr/bin/pg_ctl")  # pg_ctl without a data directory restarts nothing
 
 

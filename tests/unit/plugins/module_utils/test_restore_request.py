@@ -34,7 +34,7 @@ def test_defaults():
         (dict(src="/d", strategy="copy"), r"strategy must be one of \['swap', 'replace'\], not 'copy'"),
         (dict(src="/d", phase="later"), r"phase must be one of \['all', 'stage', 'switch', 'abort'\]"),
         (dict(src="/d", block_new_connections="none"), r"block_new_connections must be one of \['allow_connections'"),
-        (dict(src="/d", fallback="restart"), "fallback=restart needs restart_service"),
+        (dict(src="/d", fallback="restart"), "fallback=restart needs restart_patroni_url, restart_service"),
         (dict(src="/d", fallback="pray"), r"fallback must be one of \['none', 'restart'\]"),
         (dict(src="/d", phase="stage", strategy="replace"), "phase=stage works with strategy=swap only"),
         (dict(phase="switch", rollback=True), "phase=switch works with strategy=swap only, and not with rollback"),

@@ -81,7 +81,10 @@ def test_session_report_hides_the_signal_flag():
         (dict(state="gone"), r"state must be one of \['terminated', 'blocked', 'allowed'\], not 'gone'"),
         (dict(block="kill"), r"block_new_connections must be one of \['none', 'allow_connections', 'revoke_connect'\]"),
         (dict(fallback="reboot"), r"fallback must be one of \['none', 'restart'\], not 'reboot'"),
-        (dict(fallback="restart"), "fallback=restart needs restart_service, restart_data_dir or restart_command"),
+        (
+            dict(fallback="restart"),
+            "fallback=restart needs restart_patroni_url, restart_service, restart_data_dir or restart_command",
+        ),
     ],
 )
 def test_request_validation(kw: dict, msg: str):
