@@ -47,6 +47,7 @@ class RestoreRequest:
     tool_args: tuple[str, ...] = ()
     keep_previous: int = 1
     verify_query: str | None = None
+    sanitize: tuple[str, ...] = ()
     analyze: bool = True
     force: bool = False
     lock_timeout: float = 0
@@ -74,6 +75,7 @@ class RestoreRequest:
             tool_args=tuple(p["tool_args"]),
             keep_previous=p["keep_previous"],
             verify_query=p["verify_query"],
+            sanitize=tuple(p["sanitize"]),
             analyze=p["analyze"],
             force=p["force"],
             lock_timeout=p["lock_timeout"],
@@ -105,6 +107,9 @@ class RestoreRequest:
             raise PgOpsError("rollback=true always swaps: leave strategy out")
         if not self.rollback and not self.src and self.phase in ("all", "stage"):
             raise PgOpsError("src (the dump to restore) is required unless rollback=true")
+        if self.sanitize and (self.rollback or self.phase in ("switch", "abort")):
+            raise PgOpsError("sanitize scripts run while a copy is staged: give them with phase=all or phase=stage, "
+                             "not with rollback or phase=switch/abort")  # fmt: skip
         if self.keep_previous < 0:
             raise PgOpsError("keep_previous must be 0 or more")
         if self.jobs is not None and self.jobs < 1:
@@ -139,6 +144,7 @@ class RestoreResult:
     switch_window_ms: int = 0
     phases_ms: dict[str, int] = field(default_factory=dict)
     stripped_statements: list[str] = field(default_factory=list)
+    sanitized: list[dict] = field(default_factory=list)  # name, sha256, ms of each sanitize script that ran
     rollback: dict[str, Any] = field(default_factory=dict)
     rollback_sql: list[str] = field(default_factory=list)
     plan: list[str] = field(default_factory=list)

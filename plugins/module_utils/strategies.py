@@ -53,6 +53,13 @@ from ansible_collections.pgops.dbrestore.plugins.module_utils.postgres import (
 )
 from ansible_collections.pgops.dbrestore.plugins.module_utils.preflight import Preflight, choose_bindir
 from ansible_collections.pgops.dbrestore.plugins.module_utils.registry import Copy, Registry
+from ansible_collections.pgops.dbrestore.plugins.module_utils.sanitize import (
+    Script,
+    load_scripts,
+    owner_problems,
+    run_scripts,
+    scripts_digest,
+)
 from ansible_collections.pgops.dbrestore.plugins.module_utils.sessions import (
     ClearRequest,
     ClearResult,
@@ -126,16 +133,28 @@ def drop_leftover(t: Target, why: str) -> Step:
 class Staging:
     """Create the staging copy, load the dump, verify it and give it the live settings."""
 
-    def __init__(self, t: Target, dump: DumpSource) -> None:
+    def __init__(self, t: Target, dump: DumpSource, scripts: list[Script] | None = None) -> None:
         self.t, self.dump = t, dump
+        self.scripts = scripts or []
+        self.owner = sanitize_owner(t) if self.scripts else ""  # read now: replace drops the live one first
         self.live: DatabaseSettings | None = None
 
     def steps(self) -> list[Step]:
         t, fmt = self.t, self.dump.format
-        return [
-            Step("stage", f'create "{t.staging}" and restore the {fmt} dump into it', self._load),
-            Step("verify", f'verify "{t.staging}" and give it the settings of "{t.db}"', self._verify),
-        ]
+        steps = [Step("stage", f'create "{t.staging}" and restore the {fmt} dump into it', self._load)]
+        if self.scripts:
+            names = ", ".join(s.name for s in self.scripts)
+            text = f'sanitize "{t.staging}" as "{self.owner}" ({names})'
+            steps.append(Step("sanitize", text, lambda: self._guarded(self._run_sanitize)))
+        steps.append(Step("verify", f'verify "{t.staging}" and give it the settings of "{t.db}"', self._verify))
+        return steps
+
+    def _run_sanitize(self) -> None:
+        op, t = self.t.op, self.t
+        owner = self.owner
+        for done in run_scripts(op.params, t.staging, self.scripts, owner):
+            op.res.sanitized.append(done)
+            op.res.log.append(f'sanitize script {done["name"]} ran on "{t.staging}" as "{owner}" in {done["ms"]} ms')
 
     def _load(self) -> None:
         op, t, req = self.t.op, self.t, self.t.op.req
@@ -169,6 +188,8 @@ class Staging:
         marker = {"sha256": op.res.sha256, "format": self.dump.format, "size": self.dump.size,
                   "src": os.path.basename(self.dump.path.rstrip("/")),
                   "writes": settled_writes(op, t.staging_oid, t.staging)}  # fmt: skip
+        if self.scripts:
+            marker["sanitize"] = scripts_digest(self.scripts)
         op.registry.write_marker(t.staging_oid, t.staging, marker)  # type: ignore[arg-type]
         if self.live is not None:
             op.res.log += [f"carried over: {s}" for s in apply_settings(op.conn, t.staging, self.live, req.owner)]
@@ -189,6 +210,19 @@ class Staging:
                 raise PgOpsError(f'restore of {self.dump.path!r} failed; "{t.db}" {where} and the staging copy was '
                                  f"removed: {exc}", sqlstate=exc.sqlstate, **exc.details) from exc  # fmt: skip
             raise
+
+
+def sanitize_owner(t: Target) -> str:
+    """The role the sanitize scripts run as: the restored copy's owner (owner, else the live one's)."""
+    op = t.op
+    if op.req.owner:
+        return op.req.owner
+    if t.live_oid is not None:
+        row = op.conn.execute("SELECT pg_catalog.pg_get_userbyid(datdba) FROM pg_catalog.pg_database WHERE oid = %s",
+                              (t.live_oid,)).fetchone()  # fmt: skip
+        if row:
+            return str(row[0])
+    return op.info.current_user
 
 
 def _drop_quietly(op: Operation, name: str, oid: int | None) -> None:
@@ -310,11 +344,15 @@ class DumpRestore:
             res.format, res.sha256 = dump.format, dump.fingerprint()
             res.marker_before = op.registry.marker(t.live_oid)
             _sizes(op, t)
+        scripts, script_problems = load_scripts(op.req.sanitize)
         new_marker = {"sha256": res.sha256, "format": dump.format, "size": dump.size,
                       "src": os.path.basename(dump.path.rstrip("/"))}  # fmt: skip
+        if scripts:
+            new_marker["sanitize"] = scripts_digest(scripts)
         res.diff = {"before": {"marker": res.marker_before}, "after": {"marker": new_marker}}
         leftover = [drop_leftover(t, "left behind by an interrupted run")] if t.staging_oid is not None else []
-        if res.marker_before and res.marker_before["sha256"] == res.sha256 and not op.req.force:
+        same = res.marker_before and res.marker_before["sha256"] == res.sha256
+        if same and res.marker_before.get("sanitize", "") == new_marker.get("sanitize", "") and not op.req.force:
             res.diff["after"]["marker"] = res.marker_before
             res.log.append(_already_holds(op, t))
             return leftover
@@ -322,10 +360,14 @@ class DumpRestore:
             t.bindir, note = choose_bindir(op.req.bindir, dump)
             if note:
                 res.log.append(note)
-            t.preflight().can_create().dump_owners(dump, t.bindir, op.req.tool_args).raise_if_any()
+            checks = t.preflight().can_create().dump_owners(dump, t.bindir, op.req.tool_args)
+            checks.problems += script_problems
+            if op.req.sanitize:
+                checks.problems += owner_problems(op.conn, sanitize_owner(t))
+            checks.raise_if_any()
             full = op.check_mode or self.name == "replace"
             res.stripped_statements = check_readable(dump, t.bindir, full=full)
-        return leftover + self.after_leftover(t, Staging(t, dump))
+        return leftover + self.after_leftover(t, Staging(t, dump, scripts))
 
     def after_leftover(self, t: Target, staging: Staging) -> list[Step]:
         raise NotImplementedError

@@ -142,6 +142,22 @@ options:
       - It runs with the rights of the copy's owner (the application's role), never the login role's, and resolves
         names with PostgreSQL's default C(search_path) (C("$user", public)).
     type: str
+  sanitize:
+    description:
+      - SQL scripts run on the staging copy after the load and before O(verify_query), C(ANALYZE) and the switch,
+        to scrub what must not leave production (e-mail addresses, names, API keys, sessions).
+      - An item that is one word ending in C(.sql) is a file on the host that runs the module; any other item is SQL
+        itself. Files are read once during the preflight (check mode reports one that cannot be read).
+      - Each script runs in one transaction with the rights of the restored copy's owner (O(owner), else the live
+        database's owner), never the login role's, inside a C(SECURITY DEFINER) function where every role change
+        (C(SET ROLE), C(RESET ROLE)) is refused; an owner that is a superuser is refused. Names resolve with
+        C(search_path) C("$user", public). Plain SQL only, no psql meta-commands, no C(COMMIT).
+      - A failing script stops the restore; the live database is not touched and the staging copy is dropped.
+      - Each script's time is in RV(sanitized); the record of the restore holds a hash of the scripts, so changed
+        scripts restore the same dump again.
+    type: list
+    elements: str
+    default: []
   analyze:
     description:
       - Run C(ANALYZE) on the restored copy before the switch, so the first queries get good plans.
@@ -204,6 +220,15 @@ EXAMPLES = r"""
   pgops.dbrestore.pg_restore_db:
     db: hoge_db
     rollback: true
+
+- name: Restore production's dump into staging, scrubbed before the switch
+  pgops.dbrestore.pg_restore_db:
+    db: shop_staging
+    src: /var/backups/postgresql/shop.dump
+    owner: shop
+    sanitize:
+      - /etc/pgops/scrub_users.sql
+      - TRUNCATE sessions, api_keys
 
 - name: Small disk - drop and restore in place (long outage)
   pgops.dbrestore.pg_restore_db:
@@ -322,10 +347,16 @@ switch_window_ms:
   type: int
   sample: 180
 phases_ms:
-  description: Milliseconds per phase (lock, inspect, preflight, leftover, stage, verify, switch, prune, total).
+  description: Milliseconds per phase (lock, inspect, preflight, leftover, stage, sanitize, verify, switch, prune, total).
   returned: always
   type: dict
   sample: {lock: 1, inspect: 40, preflight: 90, stage: 5400, verify: 120, switch: 180, prune: 300, total: 6131}
+sanitized:
+  description: The O(sanitize) scripts that ran, in order, with the sha256 of their SQL and their milliseconds.
+  returned: always
+  type: list
+  elements: dict
+  sample: [{name: /etc/pgops/scrub_users.sql, sha256: 3f1c..., ms: 842}, {name: "inline #2", sha256: 9ab0..., ms: 12}]
 stripped_statements:
   description: Statements of a plain dump that were left out because they act on other databases.
   returned: always
@@ -403,6 +434,7 @@ def main() -> None:
         bindir=dict(type="path"),
         tool_args=dict(type="list", elements="str", default=[], aliases=["restore_args"]),
         verify_query=dict(type="str"),
+        sanitize=dict(type="list", elements="str", default=[]),
         analyze=dict(type="bool", default=True),
         lock_timeout=dict(type="float", default=0),
         wait_timeout=dict(type="float", default=30),
