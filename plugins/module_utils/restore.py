@@ -35,6 +35,7 @@ DEFAULT_JOBS = max(1, (os.cpu_count() or 2) // 2)  # half the host's CPUs: the l
 class RestoreRequest:
     db: str
     src: str | None = None
+    source: dict[str, Any] | None = None  # a database to stream from (pg_restore_db's source suboptions)
     strategy: str = "swap"
     rollback: bool = False
     owner: str | None = None
@@ -63,6 +64,7 @@ class RestoreRequest:
         return cls(
             db=p["db"],
             src=os.path.abspath(p["src"]) if p["src"] else None,
+            source=p["source"],
             strategy=p["strategy"],
             rollback=p["rollback"],
             owner=p["owner"],
@@ -105,8 +107,15 @@ class RestoreRequest:
             raise PgOpsError("rollback=true swaps the previous copy back and reads no dump: leave src out")
         if self.rollback and self.strategy != "swap":
             raise PgOpsError("rollback=true always swaps: leave strategy out")
-        if not self.rollback and not self.src and self.phase in ("all", "stage"):
-            raise PgOpsError("src (the dump to restore) is required unless rollback=true")
+        if self.source and (self.src or self.rollback or self.phase in ("switch", "abort")):
+            raise PgOpsError("source (a database to stream from) replaces src, and goes with phase=all or phase=stage "
+                             "only, not with rollback")  # fmt: skip
+        if self.source and self.strategy != "swap":
+            raise PgOpsError("a source database is streamed, so it cannot be read through before the live database is "
+                             "dropped: use strategy=swap (the default) with source")  # fmt: skip
+        if not self.rollback and not self.src and not self.source and self.phase in ("all", "stage"):
+            raise PgOpsError("src (the dump to restore) or source (a database to stream from) is required unless "
+                             "rollback=true")  # fmt: skip
         if self.sanitize and (self.rollback or self.phase in ("switch", "abort")):
             raise PgOpsError("sanitize scripts run while a copy is staged: give them with phase=all or phase=stage, "
                              "not with rollback or phase=switch/abort")  # fmt: skip

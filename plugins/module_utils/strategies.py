@@ -68,6 +68,7 @@ from ansible_collections.pgops.dbrestore.plugins.module_utils.sessions import (
     list_sessions,
     terminate_backends,
 )
+from ansible_collections.pgops.dbrestore.plugins.module_utils.stream import ServerSource, source_params
 
 # all: the whole restore; stage/switch split it so a set of databases (shards) is switched only
 # when every staged copy verified; abort drops a staged copy
@@ -133,7 +134,7 @@ def drop_leftover(t: Target, why: str) -> Step:
 class Staging:
     """Create the staging copy, load the dump, verify it and give it the live settings."""
 
-    def __init__(self, t: Target, dump: DumpSource, scripts: list[Script] | None = None) -> None:
+    def __init__(self, t: Target, dump: DumpSource | ServerSource, scripts: list[Script] | None = None) -> None:
         self.t, self.dump = t, dump
         self.scripts = scripts or []
         self.owner = sanitize_owner(t) if self.scripts else ""  # read now: replace drops the live one first
@@ -141,7 +142,8 @@ class Staging:
 
     def steps(self) -> list[Step]:
         t, fmt = self.t, self.dump.format
-        steps = [Step("stage", f'create "{t.staging}" and restore the {fmt} dump into it', self._load)]
+        what = f"stream {self.dump.path} into it" if fmt == "server" else f"restore the {fmt} dump into it"
+        steps = [Step("stage", f'create "{t.staging}" and {what}', self._load)]
         if self.scripts:
             names = ", ".join(s.name for s in self.scripts)
             text = f'sanitize "{t.staging}" as "{self.owner}" ({names})'
@@ -174,6 +176,10 @@ class Staging:
     def _run_load(self) -> None:
         op, t, req = self.t.op, self.t, self.t.op.req
         opts = LoadOptions(bindir=t.bindir, jobs=req.load_jobs, tool_args=req.tool_args)
+        if isinstance(self.dump, ServerSource):
+            op.res.stripped_statements = self.dump.load_into(op.params, op.conn, t.staging, opts)
+            op.res.log.append(f'streamed {self.dump.path} into "{t.staging}" (pg_dump | psql, no file)')
+            return
         op.res.stripped_statements = restore_into(op.params, op.info, t.staging, self.dump, opts)
         self.dump.unchanged(op.res.sha256)
         op.res.log.append(f'restored the {self.dump.format} dump into "{t.staging}"')
@@ -186,8 +192,7 @@ class Staging:
         owner = req.owner or (self.live.owner if self.live else op.info.current_user)
         verify(op.params, t.staging, req.verify_query, owner, req.analyze)
         marker = {"sha256": op.res.sha256, "format": self.dump.format, "size": self.dump.size,
-                  "src": os.path.basename(self.dump.path.rstrip("/")),
-                  "writes": settled_writes(op, t.staging_oid, t.staging)}  # fmt: skip
+                  "src": source_name(self.dump), "writes": settled_writes(op, t.staging_oid, t.staging)}  # fmt: skip
         if self.scripts:
             marker["sanitize"] = scripts_digest(self.scripts)
         op.registry.write_marker(t.staging_oid, t.staging, marker)  # type: ignore[arg-type]
@@ -207,9 +212,19 @@ class Staging:
                     where = "was dropped before the restore (strategy=replace): restore it again from a good dump"
                 else:
                     where = "was not touched" if self.live is not None else "was not created"
-                raise PgOpsError(f'restore of {self.dump.path!r} failed; "{t.db}" {where} and the staging copy was '
+                what = (
+                    f"refresh from {self.dump.path}"
+                    if isinstance(self.dump, ServerSource)
+                    else f"restore of {self.dump.path!r}"
+                )
+                raise PgOpsError(f'{what} failed; "{t.db}" {where} and the staging copy was '
                                  f"removed: {exc}", sqlstate=exc.sqlstate, **exc.details) from exc  # fmt: skip
             raise
+
+
+def source_name(source: DumpSource | ServerSource) -> str:
+    """The record's src: a dump's file name, or where a source database was read (user@host:port/db)."""
+    return source.path if isinstance(source, ServerSource) else os.path.basename(source.path.rstrip("/"))
 
 
 def sanitize_owner(t: Target) -> str:
@@ -337,6 +352,8 @@ class DumpRestore:
 
     def steps(self, op: Operation) -> list[Step]:
         t = Target(op)
+        if op.req.source:
+            return self.from_server(op, t)
         dump = DumpSource(op.req.src)  # type: ignore[arg-type]
         op.closers.append(dump.close)
         res = op.res
@@ -368,6 +385,27 @@ class DumpRestore:
             full = op.check_mode or self.name == "replace"
             res.stripped_statements = check_readable(dump, t.bindir, full=full)
         return leftover + self.after_leftover(t, Staging(t, dump, scripts))
+
+    def from_server(self, op: Operation, t: Target) -> list[Step]:
+        """A source database streamed in: no file, no hash; every run restores (the source moves on)."""
+        res, source = op.res, ServerSource(source_params(op.req.source))  # type: ignore[arg-type]
+        with op.phase("inspect"):
+            res.format = source.format
+            res.marker_before = op.registry.marker(t.live_oid)
+            _sizes(op, t)
+        scripts, script_problems = load_scripts(op.req.sanitize)
+        new_marker = {"sha256": "", "format": source.format, "size": 0, "src": source.path}
+        if scripts:
+            new_marker["sanitize"] = scripts_digest(scripts)
+        res.diff = {"before": {"marker": res.marker_before}, "after": {"marker": new_marker}}
+        leftover = [drop_leftover(t, "left behind by an interrupted run")] if t.staging_oid is not None else []
+        with op.phase("preflight"):
+            checks = t.preflight().can_create()
+            checks.problems += source.problems(t.bindir) + script_problems
+            if op.req.sanitize:
+                checks.problems += owner_problems(op.conn, sanitize_owner(t))
+            checks.raise_if_any()
+        return leftover + self.after_leftover(t, Staging(t, source, scripts))
 
     def after_leftover(self, t: Target, staging: Staging) -> list[Step]:
         raise NotImplementedError

@@ -63,8 +63,58 @@ options:
     aliases: [ name ]
   src:
     description:
-      - The dump, a file or a pg_dump directory-format directory. Required unless O(rollback=true).
+      - The dump, a file or a pg_dump directory-format directory. Required unless O(rollback=true) or O(source) is set.
     type: path
+  source:
+    description:
+      - A database to refresh O(db) from instead of a dump file (for example production, for a staging server), on any
+        server the host that runs the module can reach. C(pg_dump) of it is streamed into the staging copy through a
+        pipe, with no file in between, then verified, sanitized and switched as a dump would be.
+      - The source is only read; C(pg_dump) takes one snapshot in a C(REPEATABLE READ, READ ONLY) transaction, and its
+        session starts with C(default_transaction_read_only=on). The load is one transaction (C(psql
+        --single-transaction)) on one connection, as a pipe allows no parallel C(pg_restore); a source that fails
+        or a run killed midway leaves the live database untouched.
+      - O(tool_args) go to C(pg_dump) (for example C([--exclude-table-data=sessions])). Only with
+        O(strategy=swap). Every run restores (a source has no hash to compare); the record names the source.
+    type: dict
+    suboptions:
+      db:
+        description: The database to read.
+        type: str
+        required: true
+      host:
+        description: Its server's host name or address; empty is the local unix socket.
+        type: str
+        default: ""
+      port:
+        description: Its server's port.
+        type: int
+        default: 5432
+      unix_socket:
+        description: Directory of its server's unix socket (wins over O(source.host)).
+        type: str
+        default: ""
+      user:
+        description: The role to read it as (C(SELECT) on every table, as for any C(pg_dump)).
+        type: str
+        default: postgres
+      password:
+        description: That role's password (or C(~/.pgpass) of the user that runs the module).
+        type: str
+        default: ""
+      ssl_mode:
+        description: libpq C(sslmode) of the connection.
+        type: str
+        default: prefer
+        choices: [allow, disable, prefer, require, verify-ca, verify-full]
+      connect_timeout:
+        description: Seconds to wait for its server.
+        type: int
+        default: 10
+      connect_params:
+        description: Other libpq connection parameters.
+        type: dict
+        default: {}
   strategy:
     description:
       - V(swap) restores next to the live database and switches in one short window.
@@ -230,6 +280,18 @@ EXAMPLES = r"""
       - /etc/pgops/scrub_users.sql
       - TRUNCATE sessions, api_keys
 
+- name: Refresh staging straight from production, scrubbed, with no dump file on either host
+  pgops.dbrestore.pg_restore_db:
+    db: shop_staging
+    owner: shop
+    source:
+      host: db-prod1.example.internal
+      db: shop
+      user: readonly_dumper
+      password: "{{ vault_readonly_dumper_password }}"
+    tool_args: [--exclude-table-data=sessions]
+    sanitize: [/etc/pgops/scrub_users.sql]
+
 - name: Small disk - drop and restore in place (long outage)
   pgops.dbrestore.pg_restore_db:
     db: hoge_db
@@ -249,7 +311,7 @@ strategy:
   type: str
   sample: swap
 format:
-  description: The dump format found from its content.
+  description: The dump format found from its content, or V(server) for a O(source) database.
   returned: unless rollback
   type: str
   sample: custom
@@ -420,6 +482,24 @@ def main() -> None:
     argument_spec.update(
         db=dict(type="str", required=True, aliases=["name"]),
         src=dict(type="path"),
+        source=dict(
+            type="dict",
+            options=dict(
+                db=dict(type="str", required=True),
+                host=dict(type="str", default=""),
+                port=dict(type="int", default=5432),
+                unix_socket=dict(type="str", default=""),
+                user=dict(type="str", default="postgres"),
+                password=dict(type="str", default="", no_log=True),
+                ssl_mode=dict(
+                    type="str",
+                    default="prefer",
+                    choices=["allow", "disable", "prefer", "require", "verify-ca", "verify-full"],
+                ),
+                connect_timeout=dict(type="int", default=10),
+                connect_params=dict(type="dict", default={}),
+            ),
+        ),
         strategy=dict(type="str", default="swap", choices=list(STRATEGIES)),
         rollback=dict(type="bool", default=False),
         phase=dict(type="str", default="all", choices=list(PHASES)),
@@ -440,7 +520,9 @@ def main() -> None:
         wait_timeout=dict(type="float", default=30),
     )
     argument_spec.update(block_argument_spec(BLOCK_CHOICES, default="allow_connections"))
-    module = AnsibleModule(argument_spec=argument_spec, supports_check_mode=True)
+    module = AnsibleModule(
+        argument_spec=argument_spec, mutually_exclusive=[["src", "source"]], supports_check_mode=True
+    )
     if PSYCOPG_IMPORT_ERROR:
         module.fail_json(msg=missing_required_lib("psycopg"), exception=PSYCOPG_IMPORT_ERROR)
     params = module.params
