@@ -151,6 +151,7 @@ class RestoreResult:
     terminated: list[dict] = field(default_factory=list)
     restarted: bool = False
     switch_window_ms: int = 0
+    switched_at: float = 0.0  # UNIX time the renames committed (0: no switch), for the spread of a set
     phases_ms: dict[str, int] = field(default_factory=dict)
     stripped_statements: list[str] = field(default_factory=list)
     sanitized: list[dict] = field(default_factory=list)  # name, sha256, ms of each sanitize script that ran

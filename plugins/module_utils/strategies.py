@@ -480,6 +480,7 @@ def _create_live(op: Operation, t: Target) -> None:
         op.registry.forget_copy(t.staging_oid)  # type: ignore[arg-type]
 
     in_transaction_retrying(op.conn, op, t.db, body)
+    op.res.switched_at = time.time()
     op.res.log.append(f'"{t.db}" did not exist: created it from the dump')
 
 
@@ -500,6 +501,7 @@ def switch_steps(t: Target) -> list[Step]:
                 registry.forget_copy(t.staging_oid)  # type: ignore[arg-type]
 
             in_transaction_retrying(conn, op, t.db, body)
+            op.res.switched_at = time.time()  # committed: a set across hosts reports the spread of these
             pause_point("switched")  # renamed, the old copy still closed
             op.res.rollback_sql = rollback_sql(op, t.method, state, prev)
 

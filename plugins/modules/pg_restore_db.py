@@ -408,6 +408,12 @@ switch_window_ms:
   returned: always
   type: int
   sample: 180
+switched_at:
+  description: UNIX time (seconds, on the host that runs the module) at which the switch committed, V(0) when
+    nothing was switched. The restore role reports the spread between the first and the last switch of a set.
+  returned: always
+  type: float
+  sample: 1795575609.123
 phases_ms:
   description: Milliseconds per phase (lock, inspect, preflight, leftover, stage, sanitize, verify, switch, prune, total).
   returned: always
