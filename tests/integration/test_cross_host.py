@@ -83,7 +83,7 @@ def restore_set(inv: Path, *args: str) -> subprocess.Popen:
 
 
 def finished(proc: subprocess.Popen) -> tuple[int, str]:
-    out, _ = proc.communicate(timeout=300)
+    out = proc.communicate(timeout=300)[0]
     return proc.returncode, re.sub(r"\s*\n\s+", " ", out)
 
 

@@ -6,9 +6,12 @@ handed out on it unless our run writes.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -20,8 +23,10 @@ from ansible_collections.pgops.dbrestore.plugins.module_utils.copies import stag
 from ansible_collections.pgops.dbrestore.plugins.module_utils.postgres import PgOpsError
 from ansible_collections.pgops.dbrestore.plugins.module_utils.restore import RestoreRequest, restore_database
 from tests.conftest import drop_database
+from tests.harness.ansible_run import ansible_env
 from tests.harness.pg import SUPERUSER, SUPERUSER_PASSWORD, PgServer, client_bindir, start_server
 from tests.harness.restore_process import paused_restore
+from tests.integration.test_playbooks import login_vars
 
 pytestmark = pytest.mark.newest_major
 
@@ -153,3 +158,21 @@ def test_unreachable_source_changes_nothing(pg: PgServer, source: PgServer, stag
             restore_database(pg.params(), req, check_mode=check_mode)
         assert err.value.details["created"] == []
     assert staging_users(pg) == [("old@staging.invalid",)]
+
+
+def test_the_playbook_refreshes_from_restore_source_without_printing_its_password(
+    pg: PgServer, source: PgServer, staging, tmp_path: Path
+):
+    host = {"ansible_connection": "local", "ansible_python_interpreter": sys.executable, **login_vars(pg),
+            "restore_bindir": str(client_bindir()), "restore_jobs": 1, "restore_source": source_options(source),
+            "restore_sanitize": [SCRUB], "restore_verify_query": DOCUMENTED["restore_verify_query"]}  # fmt: skip
+    inventory = tmp_path / "inventory.json"
+    inventory.write_text(json.dumps({"db": {"hosts": {"staging-db1": host}}}))
+    argv = [str(Path(sys.executable).parent / "ansible-playbook"), "-i", str(inventory), "pgops.dbrestore.restore",
+            "-e", f"db={STAGING}", "-vvv"]  # fmt: skip  # -vvv: the module arguments are printed
+    proc = subprocess.run(argv, env=ansible_env(), capture_output=True, text=True, timeout=300, check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    assert f"{STAGING}: restored from postgres@127.0.0.1:{source.port}/{PROD} (server format)" in out, out
+    assert SUPERUSER_PASSWORD not in out and re.search(r"\n\s+password: VALUE_SPECIFIED_IN_NO_LOG_PARAMETER\n", out)
+    assert pg.sql("SELECT count(*) FROM users WHERE email LIKE '%@example.invalid'", dbname=STAGING) == [(500,)]
