@@ -64,7 +64,7 @@ class RestoreRequest:
         return cls(
             db=p["db"],
             src=os.path.abspath(p["src"]) if p["src"] else None,
-            source=p["source"],
+            source=p.get("source"),
             strategy=p["strategy"],
             rollback=p["rollback"],
             owner=p["owner"],
@@ -77,7 +77,7 @@ class RestoreRequest:
             tool_args=tuple(p["tool_args"]),
             keep_previous=p["keep_previous"],
             verify_query=p["verify_query"],
-            sanitize=tuple(p["sanitize"]),
+            sanitize=tuple(p.get("sanitize") or ()),
             analyze=p["analyze"],
             force=p["force"],
             lock_timeout=p["lock_timeout"],
