@@ -153,3 +153,12 @@ def test_check_mode_finds_unreadable_scripts_and_a_superuser_owner(pg: PgServer,
     with pytest.raises(PgOpsError, match='"postgres", a superuser: sanitize scripts never run with superuser'):
         restore(pg, dump, check_mode=True, sanitize=[str(scrub)], owner="postgres")
     assert staging_name(STAGING) not in databases(pg)
+
+
+def test_records_made_before_sanitize_existed_gain_its_column(pg: PgServer, rails):
+    dump, scrub = rails
+    restore(pg, dump)  # makes our records if this server has none yet
+    pg.sql("ALTER TABLE pgops_dbrestore.restored DROP COLUMN sanitize")  # as an earlier version made them
+    assert restore(pg, dump, check_mode=True, sanitize=[str(scrub)]).changed  # reads the old records
+    res = restore(pg, dump, sanitize=[str(scrub)])
+    assert res.marker_after["sanitize"] and app_sql(pg, "SELECT count(*) FROM users WHERE phone IS NULL") == [(200,)]
