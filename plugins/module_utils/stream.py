@@ -73,7 +73,7 @@ class ServerSource:
         """A stream has no file that could change under us."""
 
     def problems(self, bindir: str | None) -> list[str]:
-        """Reachable, readable, and a pg_dump new enough for its server (check mode runs this too)."""
+        """Reachable, readable, a pg_dump new enough for its server, and a psql (check mode runs this too)."""
         try:
             with connect(self.params) as conn:
                 self.info = server_info(conn)
@@ -81,6 +81,7 @@ class ServerSource:
             return [f"the source database cannot be read: {exc}; check source (host, port, user, password, db)"]
         try:
             pg_dump = find_tool("pg_dump", bindir)
+            psql_argv(bindir, self.params.login_db, ())  # the psql that loads the stream: found, with \restrict
         except PgOpsError as exc:
             return [str(exc)]
         mine, theirs = tool_version(pg_dump)[0], self.info.version_num // 10000
