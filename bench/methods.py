@@ -185,3 +185,33 @@ def restore_via_ansible(pg: PgServer, db: str, dump: Path) -> dict:
     if result.get("failed"):
         raise Failed(f"pg_restore_db: {result.get('msg')}")
     return result
+
+
+# --- scenario 7: refreshing a database from another server --------------------------------------
+
+
+def source_options(source: PgServer, db: str) -> dict:
+    """pg_restore_db's source suboptions for a database of the source server."""
+    p = source.params()
+    return {"host": p.login_host, "port": p.login_port, "user": p.login_user, "password": p.login_password, "db": db,
+            "ssl_mode": p.ssl_mode}  # fmt: skip
+
+
+def refresh_from_server(pg: PgServer, db: str, source: PgServer, source_db: str) -> dict:
+    """pg_restore_db with source=: pg_dump of the source streamed into a staging copy, then the swap."""
+    req = RestoreRequest(db=db, source=source_options(source, source_db), bindir=str(client_bindir()), analyze=False)
+    return restore_database(pg.params(), req).as_dict()
+
+
+def dump_pipe_restore(pg: PgServer, db: str, source: PgServer, source_db: str) -> dict:
+    """By hand into a fresh database: pg_dump -Fc -d SOURCE | pg_restore -d TARGET (a pipe: one job)."""
+    dump = subprocess.Popen([str(client_bindir() / "pg_dump"), "-Fc", "--no-password", "-d", source_db],
+                            env=source.client_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    restore = subprocess.run([str(client_bindir() / "pg_restore"), "--no-password", "-d", db],
+                             env=pg.client_env(), stdin=dump.stdout, capture_output=True, text=True,
+                             check=False)  # fmt: skip
+    dump.stdout.close()  # type: ignore[union-attr]
+    dump_err = dump.stderr.read().decode(errors="replace")  # type: ignore[union-attr]
+    if dump.wait() != 0 or restore.returncode != 0:
+        raise Failed(f"pg_dump | pg_restore: {(dump_err + restore.stderr).strip().splitlines()[-1:]}")
+    return {}

@@ -162,6 +162,20 @@ def pooled_table(rows: list[dict]) -> list[str]:
     return out
 
 
+def refresh_table(sizes: list[dict]) -> list[str]:
+    """Scenario 7: refresh from another server, pg_restore_db source= against a pipe by hand."""
+    hand, ours = "pg_dump | pg_restore", "pg_restore_db source="
+    header = hand.replace("|", "\\|")  # a pipe in a Markdown table cell
+    out = [f"| size | {ours} s | {header} s (into a fresh database) | ratio | failures |", "|---|---|---|---|---|"]
+    for size in sizes:
+        o, h = median(_ok(_by(size["refresh"], method=ours))), median(_ok(_by(size["refresh"], method=hand)))
+        ratio = o / h if o and h else None
+        failed = [r for r in size["refresh"] if not r["ok"]]
+        note = f"{len(failed)}: {failed[0]['method']}: {failed[0]['error'][:80]}" if failed else "0"
+        out.append(f"| {_size_label(size)} | {fmt(o)} | {fmt(h)} | {fmt(ratio)}× | {note} |")
+    return out
+
+
 # --- targets -------------------------------------------------------------------------------------
 
 
@@ -233,6 +247,10 @@ def targets(res: dict) -> list[str]:
 
 def markdown(res: dict) -> str:
     meta = res["meta"]
+    refresh = []
+    if res.get("refresh"):  # results.json of runs before scenario 7 have none
+        title = f"## 7. Refresh from another server, no dump file ({meta['wall_trials']} trial(s) each)"
+        refresh = [title, "", *refresh_table(res["refresh"]), ""]
     lines = [
         f"# pgops.dbrestore bench, {meta['date']}",
         "",
@@ -269,6 +287,7 @@ def markdown(res: dict) -> str:
             if res.get("pgbouncer")
             else []
         ),
+        *refresh,
         "## Targets",
         "",
         *targets(res),

@@ -31,7 +31,9 @@ from methods import (  # noqa: E402
     RESTORE_METHODS,
     Failed,
     drop_reliably,
+    dump_pipe_restore,
     pg_restore,
+    refresh_from_server,
     restore_swap,
     restore_swap_pooled,
     restore_via_ansible,
@@ -243,6 +245,30 @@ def bench_pgbouncer(pg: PgServer, plan: Plan, work: Path) -> list[dict]:
     return rows
 
 
+def bench_refresh(pg: PgServer, source: PgServer, plan: Plan, scale: int) -> dict:
+    """Scenario 7: a database refreshed from another server, by pg_restore_db source= and by a pipe by hand."""
+    db = f"refresh_s{scale}"
+    log(f"pgbench -i -s {scale} into {db} on the source server")
+    source.sql(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(db)))
+    subprocess.run([str(client_bindir() / "pgbench"), "-i", "-q", "-s", str(scale), db], env=source.client_env(),
+                   check=True, capture_output=True)  # fmt: skip
+    mb = source.sql("SELECT pg_database_size(%s) / 1048576", (db,))[0][0]
+    pg.sql(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(db)))  # the live database to refresh
+    rows = []
+    for _trial in range(plan.wall_trials):
+        fresh = f"{db}_by_hand"
+        drop_reliably(pg, fresh)
+        pg.sql(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(fresh)))
+        rows.append({"method": "pg_dump | pg_restore", **timed(dump_pipe_restore, pg, fresh, source, db)})
+        drop_reliably(pg, fresh)
+        rows.append({"method": "pg_restore_db source=", **timed(refresh_from_server, pg, db, source, db)})
+        log(f"refresh s={scale}: " + ", ".join(f"{r['method']} {r['s']:.1f} s" for r in rows[-2:]))
+    for (name,) in pg.sql("SELECT datname FROM pg_database WHERE datname LIKE %s", (f"{db}%",)):
+        drop_reliably(pg, name)
+    drop_reliably(source, db)
+    return {"scale": scale, "mb": int(mb), "refresh": rows}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--pg", type=int, default=18, choices=range(10, 19), metavar="N", help="PostgreSQL major 10-18")
@@ -281,6 +307,12 @@ def main() -> None:
         else:
             notes.append(f"{PGBOUNCER} is missing (apt-get install pgbouncer): the PgBouncer scenario did not run")
         version = pg.sql("SHOW server_version")[0][0]
+        log(f"starting a second PostgreSQL {args.pg}, the source server of scenario 7")
+        source = start_server(args.pg)
+        try:
+            res["refresh"] = [bench_refresh(pg, source, plan, scale) for scale in plan.scales]
+        finally:
+            source.destroy()
     finally:
         pg.destroy()
     client = subprocess.run(

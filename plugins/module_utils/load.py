@@ -65,7 +65,7 @@ def check_readable(dump: DumpSource, bindir: str | None, full: bool) -> list[str
     return flt.dropped
 
 
-def _psql(bindir: str | None, dbname: str, tool_args: tuple[str, ...]) -> list[str]:
+def psql_argv(bindir: str | None, dbname: str, tool_args: tuple[str, ...]) -> list[str]:
     psql = find_tool("psql", bindir)
     version = tool_version(psql)
     if not has_restrict(version):
@@ -98,11 +98,11 @@ def restore_into(params: ConnParams, info: ServerInfo, dbname: str, dump: DumpSo
                 argv.append(f"--jobs={opts.jobs}")
             run_tool([*argv, *opts.tool_args, dump.child_path], env, pass_fds=fds)
             return []
-        psql = _psql(opts.bindir, dbname, ())
+        psql = psql_argv(opts.bindir, dbname, ())
         with ToolOutput([pg_restore, "-f", "-", *opts.tool_args, dump.child_path], env, pass_fds=fds) as sql_out:
             run_tool(psql, env, feed=flt.lines(sql_out))
         return flt.dropped
-    psql = _psql(opts.bindir, dbname, opts.tool_args)
+    psql = psql_argv(opts.bindir, dbname, opts.tool_args)
     with dump.plain_stream() as stream:
         try:
             run_tool(psql, env, feed=flt.lines(stream))

@@ -30,7 +30,7 @@ LOCK_CLASS = 0x70676F70
 _TABLES = {
     "restored": "datoid oid PRIMARY KEY, datname text NOT NULL, sha256 text NOT NULL, format text NOT NULL, "
     "size bigint NOT NULL, src text NOT NULL, writes bigint, restored_at timestamptz NOT NULL DEFAULT now(), "
-    "restored_by name NOT NULL DEFAULT current_user",
+    "restored_by name NOT NULL DEFAULT current_user, sanitize text",
     "copies": "datoid oid PRIMARY KEY, datname text NOT NULL, of_db text NOT NULL, kind text NOT NULL, "
     "block_state text NOT NULL, made_at timestamptz NOT NULL DEFAULT now()",
     "blocks": "datoid oid PRIMARY KEY, datname text NOT NULL, block_state text NOT NULL",
@@ -103,6 +103,12 @@ class Registry:
         for name, columns in _TABLES.items():
             execute(self.conn, sql.SQL("CREATE TABLE IF NOT EXISTS {} (" + columns + ")").format(_table(name)),
                     "cannot create records")  # fmt: skip
+        # records made before sanitize existed lack its column (no ADD COLUMN IF NOT EXISTS before 9.6)
+        if not self.conn.execute(
+            "SELECT count(*) FROM pg_catalog.pg_attribute WHERE attrelid = %s::regclass AND attname = 'sanitize'",
+            (f"{SCHEMA}.restored",),
+        ).fetchone()[0]:
+            execute(self.conn, sql.SQL("ALTER TABLE {} ADD COLUMN sanitize text").format(_table("restored")), "records")
         self.exists = True
 
     # --- restore markers -------------------------------------------------------------------
@@ -114,24 +120,29 @@ class Registry:
         row = self.conn.execute(
             sql.SQL(
                 "SELECT m.sha256, m.format, m.size, m.src, pg_catalog.to_char(m.restored_at AT TIME ZONE 'UTC', "
-                '\'YYYY-MM-DD"T"HH24:MI:SS"Z"\'), m.writes FROM {} m WHERE m.datoid = %s'
+                "'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'), m.writes, pg_catalog.row_to_json(m)->>'sanitize' FROM {} m "
+                "WHERE m.datoid = %s"
             ).format(_table("restored")),
             (oid,),
         ).fetchone()
         if row is None:
             return None
         keys = ("sha256", "format", "size", "src", "restored_at", "writes")
-        return {k: row[i] for i, k in enumerate(keys)}
+        marker = {k: row[i] for i, k in enumerate(keys)}
+        if row[6]:  # the hash of the sanitize scripts, when any ran
+            marker["sanitize"] = row[6]
+        return marker
 
     def write_marker(self, oid: int, datname: str, marker: dict[str, Any]) -> None:
         self.ensure()
         execute(self.conn, sql.SQL("DELETE FROM {} WHERE datoid = %s").format(_table("restored")), "records", (oid,))
         execute(
             self.conn,
-            sql.SQL("INSERT INTO {} (datoid, datname, sha256, format, size, src, writes) "
-                    "VALUES (%s, %s, %s, %s, %s, %s, %s)").format(_table("restored")),
+            sql.SQL("INSERT INTO {} (datoid, datname, sha256, format, size, src, writes, sanitize) "
+                    "VALUES (%s, %s, %s, %s, %s, %s, %s, %s)").format(_table("restored")),
             "cannot record the restore",
-            (oid, datname, marker["sha256"], marker["format"], marker["size"], marker["src"], marker.get("writes")),
+            (oid, datname, marker["sha256"], marker["format"], marker["size"], marker["src"], marker.get("writes"),
+             marker.get("sanitize")),
         )  # fmt: skip
 
     # --- copies we made --------------------------------------------------------------------

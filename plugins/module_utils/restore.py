@@ -38,6 +38,7 @@ DEFAULT_JOBS = max(1, (os.cpu_count() or 2) // 2)  # half the host's CPUs: the l
 class RestoreRequest:
     db: str
     src: str | None = None
+    source: dict[str, Any] | None = None  # a database to stream from (pg_restore_db's source suboptions)
     strategy: str = "swap"
     rollback: bool = False
     owner: str | None = None
@@ -50,6 +51,7 @@ class RestoreRequest:
     tool_args: tuple[str, ...] = ()
     keep_previous: int = 1
     verify_query: str | None = None
+    sanitize: tuple[str, ...] = ()
     analyze: bool = True
     force: bool = False
     lock_timeout: float = 0
@@ -70,6 +72,7 @@ class RestoreRequest:
         return cls(
             db=p["db"],
             src=os.path.abspath(p["src"]) if p["src"] else None,
+            source=p.get("source"),
             strategy=p["strategy"],
             rollback=p["rollback"],
             owner=p["owner"],
@@ -82,6 +85,7 @@ class RestoreRequest:
             tool_args=tuple(p["tool_args"]),
             keep_previous=p["keep_previous"],
             verify_query=p["verify_query"],
+            sanitize=tuple(p.get("sanitize") or ()),
             analyze=p["analyze"],
             force=p["force"],
             lock_timeout=p["lock_timeout"],
@@ -138,8 +142,18 @@ class RestoreRequest:
             raise PgOpsError("rollback=true swaps the previous copy back and reads no dump: leave src out")
         if self.rollback and self.strategy != "swap":
             raise PgOpsError("rollback=true always swaps: leave strategy out")
-        if not self.rollback and not self.src and self.phase in ("all", "stage"):
-            raise PgOpsError("src (the dump to restore) is required unless rollback=true")
+        if self.source and (self.src or self.rollback or self.phase in ("switch", "abort")):
+            raise PgOpsError("source (a database to stream from) replaces src, and goes with phase=all or phase=stage "
+                             "only, not with rollback")  # fmt: skip
+        if self.source and self.strategy != "swap":
+            raise PgOpsError("a source database is streamed, so it cannot be read through before the live database is "
+                             "dropped: use strategy=swap (the default) with source")  # fmt: skip
+        if not self.rollback and not self.src and not self.source and self.phase in ("all", "stage"):
+            raise PgOpsError("src (the dump to restore) or source (a database to stream from) is required unless "
+                             "rollback=true")  # fmt: skip
+        if self.sanitize and (self.rollback or self.phase in ("switch", "abort")):
+            raise PgOpsError("sanitize scripts run while a copy is staged: give them with phase=all or phase=stage, "
+                             "not with rollback or phase=switch/abort")  # fmt: skip
         if self.keep_previous < 0:
             raise PgOpsError("keep_previous must be 0 or more")
         if self.jobs is not None and self.jobs < 1:
@@ -175,8 +189,10 @@ class RestoreResult:
     pgbouncer_pause_ms: int = 0  # PAUSE sent to RESUME done: how long clients behind PgBouncer waited at most
     pgbouncers: list[dict] = field(default_factory=list)
     standbys: list[dict] = field(default_factory=list)  # per standby: replayed, lag_bytes, lag_ms, sessions_ended
+    switched_at: float = 0.0  # UNIX time the renames committed (0: no switch), for the spread of a set
     phases_ms: dict[str, int] = field(default_factory=dict)
     stripped_statements: list[str] = field(default_factory=list)
+    sanitized: list[dict] = field(default_factory=list)  # name, sha256, ms of each sanitize script that ran
     rollback: dict[str, Any] = field(default_factory=dict)
     rollback_sql: list[str] = field(default_factory=list)
     plan: list[str] = field(default_factory=list)

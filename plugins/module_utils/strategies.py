@@ -55,6 +55,13 @@ from ansible_collections.pgops.dbrestore.plugins.module_utils.postgres import (
 )
 from ansible_collections.pgops.dbrestore.plugins.module_utils.preflight import Preflight, choose_bindir
 from ansible_collections.pgops.dbrestore.plugins.module_utils.registry import Copy, Registry
+from ansible_collections.pgops.dbrestore.plugins.module_utils.sanitize import (
+    Script,
+    load_scripts,
+    owner_problems,
+    run_scripts,
+    scripts_digest,
+)
 from ansible_collections.pgops.dbrestore.plugins.module_utils.sessions import (
     ClearRequest,
     ClearResult,
@@ -64,6 +71,7 @@ from ansible_collections.pgops.dbrestore.plugins.module_utils.sessions import (
     terminate_backends,
 )
 from ansible_collections.pgops.dbrestore.plugins.module_utils.standbys import Follow, switch_lsn
+from ansible_collections.pgops.dbrestore.plugins.module_utils.stream import ServerSource, source_params
 
 # all: the whole restore; stage/switch split it so a set of databases (shards) is switched only
 # when every staged copy verified; abort drops a staged copy
@@ -131,16 +139,29 @@ def drop_leftover(t: Target, why: str) -> Step:
 class Staging:
     """Create the staging copy, load the dump, verify it and give it the live settings."""
 
-    def __init__(self, t: Target, dump: DumpSource) -> None:
+    def __init__(self, t: Target, dump: DumpSource | ServerSource, scripts: list[Script] | None = None) -> None:
         self.t, self.dump = t, dump
+        self.scripts = scripts or []
+        self.owner = sanitize_owner(t) if self.scripts else ""  # read now: replace drops the live one first
         self.live: DatabaseSettings | None = None
 
     def steps(self) -> list[Step]:
         t, fmt = self.t, self.dump.format
-        return [
-            Step("stage", f'create "{t.staging}" and restore the {fmt} dump into it', self._load),
-            Step("verify", f'verify "{t.staging}" and give it the settings of "{t.db}"', self._verify),
-        ]
+        what = f"stream {self.dump.path} into it" if fmt == "server" else f"restore the {fmt} dump into it"
+        steps = [Step("stage", f'create "{t.staging}" and {what}', self._load)]
+        if self.scripts:
+            names = ", ".join(s.name for s in self.scripts)
+            text = f'sanitize "{t.staging}" as "{self.owner}" ({names})'
+            steps.append(Step("sanitize", text, lambda: self._guarded(self._run_sanitize)))
+        steps.append(Step("verify", f'verify "{t.staging}" and give it the settings of "{t.db}"', self._verify))
+        return steps
+
+    def _run_sanitize(self) -> None:
+        op, t = self.t.op, self.t
+        owner = self.owner
+        for done in run_scripts(op.params, t.staging, self.scripts, owner):
+            op.res.sanitized.append(done)
+            op.res.log.append(f'sanitize script {done["name"]} ran on "{t.staging}" as "{owner}" in {done["ms"]} ms')
 
     def _load(self) -> None:
         op, t, req = self.t.op, self.t, self.t.op.req
@@ -160,6 +181,10 @@ class Staging:
     def _run_load(self) -> None:
         op, t, req = self.t.op, self.t, self.t.op.req
         opts = LoadOptions(bindir=t.bindir, jobs=req.load_jobs, tool_args=req.tool_args)
+        if isinstance(self.dump, ServerSource):
+            op.res.stripped_statements = self.dump.load_into(op.params, op.conn, t.staging, opts)
+            op.res.log.append(f'streamed {self.dump.path} into "{t.staging}" (pg_dump | psql, no file)')
+            return
         op.res.stripped_statements = restore_into(op.params, op.info, t.staging, self.dump, opts)
         self.dump.unchanged(op.res.sha256)
         op.res.log.append(f'restored the {self.dump.format} dump into "{t.staging}"')
@@ -172,8 +197,9 @@ class Staging:
         owner = req.owner or (self.live.owner if self.live else op.info.current_user)
         verify(op.params, t.staging, req.verify_query, owner, req.analyze)
         marker = {"sha256": op.res.sha256, "format": self.dump.format, "size": self.dump.size,
-                  "src": os.path.basename(self.dump.path.rstrip("/")),
-                  "writes": settled_writes(op, t.staging_oid, t.staging)}  # fmt: skip
+                  "src": source_name(self.dump), "writes": settled_writes(op, t.staging_oid, t.staging)}  # fmt: skip
+        if self.scripts:
+            marker["sanitize"] = scripts_digest(self.scripts)
         op.registry.write_marker(t.staging_oid, t.staging, marker)  # type: ignore[arg-type]
         if self.live is not None:
             op.res.log += [f"carried over: {s}" for s in apply_settings(op.conn, t.staging, self.live, req.owner)]
@@ -191,9 +217,32 @@ class Staging:
                     where = "was dropped before the restore (strategy=replace): restore it again from a good dump"
                 else:
                     where = "was not touched" if self.live is not None else "was not created"
-                raise PgOpsError(f'restore of {self.dump.path!r} failed; "{t.db}" {where} and the staging copy was '
+                what = (
+                    f"refresh from {self.dump.path}"
+                    if isinstance(self.dump, ServerSource)
+                    else f"restore of {self.dump.path!r}"
+                )
+                raise PgOpsError(f'{what} failed; "{t.db}" {where} and the staging copy was '
                                  f"removed: {exc}", sqlstate=exc.sqlstate, **exc.details) from exc  # fmt: skip
             raise
+
+
+def source_name(source: DumpSource | ServerSource) -> str:
+    """The record's src: a dump's file name, or where a source database was read (user@host:port/db)."""
+    return source.path if isinstance(source, ServerSource) else os.path.basename(source.path.rstrip("/"))
+
+
+def sanitize_owner(t: Target) -> str:
+    """The role the sanitize scripts run as: the restored copy's owner (owner, else the live one's)."""
+    op = t.op
+    if op.req.owner:
+        return op.req.owner
+    if t.live_oid is not None:
+        row = op.conn.execute("SELECT pg_catalog.pg_get_userbyid(datdba) FROM pg_catalog.pg_database WHERE oid = %s",
+                              (t.live_oid,)).fetchone()  # fmt: skip
+        if row:
+            return str(row[0])
+    return op.info.current_user
 
 
 def _drop_quietly(op: Operation, name: str, oid: int | None) -> None:
@@ -349,6 +398,8 @@ class DumpRestore:
 
     def steps(self, op: Operation) -> list[Step]:
         t = Target(op)
+        if op.req.source:
+            return self.from_server(op, t)
         dump = DumpSource(op.req.src)  # type: ignore[arg-type]
         op.closers.append(dump.close)
         res = op.res
@@ -356,11 +407,15 @@ class DumpRestore:
             res.format, res.sha256 = dump.format, dump.fingerprint()
             res.marker_before = op.registry.marker(t.live_oid)
             _sizes(op, t)
+        scripts, script_problems = load_scripts(op.req.sanitize)
         new_marker = {"sha256": res.sha256, "format": dump.format, "size": dump.size,
                       "src": os.path.basename(dump.path.rstrip("/"))}  # fmt: skip
+        if scripts:
+            new_marker["sanitize"] = scripts_digest(scripts)
         res.diff = {"before": {"marker": res.marker_before}, "after": {"marker": new_marker}}
         leftover = [drop_leftover(t, "left behind by an interrupted run")] if t.staging_oid is not None else []
-        if res.marker_before and res.marker_before["sha256"] == res.sha256 and not op.req.force:
+        same = res.marker_before and res.marker_before["sha256"] == res.sha256
+        if same and res.marker_before.get("sanitize", "") == new_marker.get("sanitize", "") and not op.req.force:
             res.diff["after"]["marker"] = res.marker_before
             res.log.append(_already_holds(op, t))
             return leftover
@@ -368,10 +423,35 @@ class DumpRestore:
             t.bindir, note = choose_bindir(op.req.bindir, dump)
             if note:
                 res.log.append(note)
-            t.preflight().can_create().dump_owners(dump, t.bindir, op.req.tool_args).raise_if_any()
+            checks = t.preflight().can_create().dump_owners(dump, t.bindir, op.req.tool_args)
+            checks.problems += script_problems
+            if op.req.sanitize:
+                checks.problems += owner_problems(op.conn, sanitize_owner(t))
+            checks.raise_if_any()
             full = op.check_mode or self.name == "replace"
             res.stripped_statements = check_readable(dump, t.bindir, full=full)
-        return leftover + self.after_leftover(t, Staging(t, dump))
+        return leftover + self.after_leftover(t, Staging(t, dump, scripts))
+
+    def from_server(self, op: Operation, t: Target) -> list[Step]:
+        """A source database streamed in: no file, no hash; every run restores (the source moves on)."""
+        res, source = op.res, ServerSource(source_params(op.req.source))  # type: ignore[arg-type]
+        with op.phase("inspect"):
+            res.format = source.format
+            res.marker_before = op.registry.marker(t.live_oid)
+            _sizes(op, t)
+        scripts, script_problems = load_scripts(op.req.sanitize)
+        new_marker = {"sha256": "", "format": source.format, "size": 0, "src": source.path}
+        if scripts:
+            new_marker["sanitize"] = scripts_digest(scripts)
+        res.diff = {"before": {"marker": res.marker_before}, "after": {"marker": new_marker}}
+        leftover = [drop_leftover(t, "left behind by an interrupted run")] if t.staging_oid is not None else []
+        with op.phase("preflight"):
+            checks = t.preflight().can_create()
+            checks.problems += source.problems(t.bindir) + script_problems
+            if op.req.sanitize:
+                checks.problems += owner_problems(op.conn, sanitize_owner(t))
+            checks.raise_if_any()
+        return leftover + self.after_leftover(t, Staging(t, source, scripts))
 
     def after_leftover(self, t: Target, staging: Staging) -> list[Step]:
         raise NotImplementedError
@@ -446,6 +526,7 @@ def _create_live(op: Operation, t: Target) -> None:
         op.registry.forget_copy(t.staging_oid)  # type: ignore[arg-type]
 
     in_transaction_retrying(op.conn, op, t.db, body)
+    op.res.switched_at = time.time()
     op.res.log.append(f'"{t.db}" did not exist: created it from the dump')
 
 
@@ -466,6 +547,7 @@ def switch_steps(t: Target) -> list[Step]:
                 registry.forget_copy(t.staging_oid)  # type: ignore[arg-type]
 
             in_transaction_retrying(conn, op, t.db, body)
+            op.res.switched_at = time.time()  # committed: a set across hosts reports the spread of these
             pause_point("switched")  # renamed, the old copy still closed
             op.res.rollback_sql = rollback_sql(op, t.method, state, prev)
 

@@ -63,8 +63,58 @@ options:
     aliases: [ name ]
   src:
     description:
-      - The dump, a file or a pg_dump directory-format directory. Required unless O(rollback=true).
+      - The dump, a file or a pg_dump directory-format directory. Required unless O(rollback=true) or O(source) is set.
     type: path
+  source:
+    description:
+      - A database to refresh O(db) from instead of a dump file (for example production, for a staging server), on any
+        server the host that runs the module can reach. C(pg_dump) of it is streamed into the staging copy through a
+        pipe, with no file in between, then verified, sanitized and switched as a dump would be.
+      - The source is only read; C(pg_dump) takes one snapshot in a C(REPEATABLE READ, READ ONLY) transaction, and its
+        session starts with C(default_transaction_read_only=on). The load is one transaction (C(psql
+        --single-transaction)) on one connection, as a pipe allows no parallel C(pg_restore); a source that fails
+        or a run killed midway leaves the live database untouched.
+      - O(tool_args) go to C(pg_dump) (for example C([--exclude-table-data=sessions])). Only with
+        O(strategy=swap). Every run restores (a source has no hash to compare); the record names the source.
+    type: dict
+    suboptions:
+      db:
+        description: The database to read.
+        type: str
+        required: true
+      host:
+        description: Its server's host name or address; empty is the local unix socket.
+        type: str
+        default: ""
+      port:
+        description: Its server's port.
+        type: int
+        default: 5432
+      unix_socket:
+        description: Directory of its server's unix socket (wins over O(source.host)).
+        type: str
+        default: ""
+      user:
+        description: The role to read it as (C(SELECT) on every table, as for any C(pg_dump)).
+        type: str
+        default: postgres
+      password:
+        description: That role's password (or C(~/.pgpass) of the user that runs the module).
+        type: str
+        default: ""
+      ssl_mode:
+        description: libpq C(sslmode) of the connection.
+        type: str
+        default: prefer
+        choices: [allow, disable, prefer, require, verify-ca, verify-full]
+      connect_timeout:
+        description: Seconds to wait for its server.
+        type: int
+        default: 10
+      connect_params:
+        description: Other libpq connection parameters.
+        type: dict
+        default: {}
   strategy:
     description:
       - V(swap) restores next to the live database and switches in one short window.
@@ -142,6 +192,22 @@ options:
       - It runs with the rights of the copy's owner (the application's role), never the login role's, and resolves
         names with PostgreSQL's default C(search_path) (C("$user", public)).
     type: str
+  sanitize:
+    description:
+      - SQL scripts run on the staging copy after the load and before O(verify_query), C(ANALYZE) and the switch,
+        to scrub what must not leave production (e-mail addresses, names, API keys, sessions).
+      - An item that is one word ending in C(.sql) is a file on the host that runs the module; any other item is SQL
+        itself. Files are read once during the preflight (check mode reports one that cannot be read).
+      - Each script runs in one transaction with the rights of the restored copy's owner (O(owner), else the live
+        database's owner), never the login role's, inside a C(SECURITY DEFINER) function where every role change
+        (C(SET ROLE), C(RESET ROLE)) is refused; an owner that is a superuser is refused. Names resolve with
+        C(search_path) C("$user", public). Plain SQL only, no psql meta-commands, no C(COMMIT).
+      - A failing script stops the restore; the live database is not touched and the staging copy is dropped.
+      - Each script's time is in RV(sanitized); the record of the restore holds a hash of the scripts, so changed
+        scripts restore the same dump again.
+    type: list
+    elements: str
+    default: []
   analyze:
     description:
       - Run C(ANALYZE) on the restored copy before the switch, so the first queries get good plans.
@@ -291,6 +357,27 @@ EXAMPLES = r"""
     db: hoge_db
     rollback: true
 
+- name: Restore production's dump into staging, scrubbed before the switch
+  pgops.dbrestore.pg_restore_db:
+    db: shop_staging
+    src: /var/backups/postgresql/shop.dump
+    owner: shop
+    sanitize:
+      - /etc/pgops/scrub_users.sql
+      - TRUNCATE sessions, api_keys
+
+- name: Refresh staging straight from production, scrubbed, with no dump file on either host
+  pgops.dbrestore.pg_restore_db:
+    db: shop_staging
+    owner: shop
+    source:
+      host: db-prod1.example.internal
+      db: shop
+      user: readonly_dumper
+      password: "{{ vault_readonly_dumper_password }}"
+    tool_args: [--exclude-table-data=sessions]
+    sanitize: [/etc/pgops/scrub_users.sql]
+
 - name: Small disk - drop and restore in place (long outage)
   pgops.dbrestore.pg_restore_db:
     db: hoge_db
@@ -322,7 +409,7 @@ strategy:
   type: str
   sample: swap
 format:
-  description: The dump format found from its content.
+  description: The dump format found from its content, or V(server) for a O(source) database.
   returned: unless rollback
   type: str
   sample: custom
@@ -438,11 +525,23 @@ pgbouncers:
   type: list
   elements: dict
   sample: [{address: "10.0.0.7:6432", database: hoge_db, paused: true, skipped: "", drain_ms: 12, resumed: true}]
+switched_at:
+  description: UNIX time (seconds, on the host that runs the module) at which the switch committed, V(0) when
+    nothing was switched. The restore role reports the spread between the first and the last switch of a set.
+  returned: always
+  type: float
+  sample: 1795575609.123
 phases_ms:
-  description: Milliseconds per phase (lock, inspect, preflight, leftover, stage, verify, switch, prune, total).
+  description: Milliseconds per phase (lock, inspect, preflight, leftover, stage, sanitize, verify, switch, prune, total).
   returned: always
   type: dict
   sample: {lock: 1, inspect: 40, preflight: 90, stage: 5400, verify: 120, switch: 180, prune: 300, total: 6131}
+sanitized:
+  description: The O(sanitize) scripts that ran, in order, with the sha256 of their SQL and their milliseconds.
+  returned: always
+  type: list
+  elements: dict
+  sample: [{name: /etc/pgops/scrub_users.sql, sha256: 3f1c..., ms: 842}, {name: "inline #2", sha256: 9ab0..., ms: 12}]
 stripped_statements:
   description: Statements of a plain dump that were left out because they act on other databases.
   returned: always
@@ -508,6 +607,24 @@ def main() -> None:
     argument_spec.update(
         db=dict(type="str", required=True, aliases=["name"]),
         src=dict(type="path"),
+        source=dict(
+            type="dict",
+            options=dict(
+                db=dict(type="str", required=True),
+                host=dict(type="str", default=""),
+                port=dict(type="int", default=5432),
+                unix_socket=dict(type="str", default=""),
+                user=dict(type="str", default="postgres"),
+                password=dict(type="str", default="", no_log=True),
+                ssl_mode=dict(
+                    type="str",
+                    default="prefer",
+                    choices=["allow", "disable", "prefer", "require", "verify-ca", "verify-full"],
+                ),
+                connect_timeout=dict(type="int", default=10),
+                connect_params=dict(type="dict", default={}),
+            ),
+        ),
         strategy=dict(type="str", default="swap", choices=list(STRATEGIES)),
         rollback=dict(type="bool", default=False),
         phase=dict(type="str", default="all", choices=list(PHASES)),
@@ -522,6 +639,7 @@ def main() -> None:
         bindir=dict(type="path"),
         tool_args=dict(type="list", elements="str", default=[], aliases=["restore_args"]),
         verify_query=dict(type="str"),
+        sanitize=dict(type="list", elements="str", default=[]),
         analyze=dict(type="bool", default=True),
         lock_timeout=dict(type="float", default=0),
         wait_timeout=dict(type="float", default=30),
@@ -529,7 +647,9 @@ def main() -> None:
     argument_spec.update(block_argument_spec(BLOCK_CHOICES, default="allow_connections"))
     argument_spec.update(pgbouncers_argument_spec())
     argument_spec.update(standbys_argument_spec())
-    module = AnsibleModule(argument_spec=argument_spec, supports_check_mode=True)
+    module = AnsibleModule(
+        argument_spec=argument_spec, mutually_exclusive=[["src", "source"]], supports_check_mode=True
+    )
     if PSYCOPG_IMPORT_ERROR:
         module.fail_json(msg=missing_required_lib("psycopg"), exception=PSYCOPG_IMPORT_ERROR)
     params = module.params

@@ -30,7 +30,7 @@ def run(module, args: dict, capsys: pytest.CaptureFixture) -> dict:
         (pg_terminate_connections, {"db": "x", "state": "blocked"}, "state=blocked needs block_new_connections"),
         (pg_terminate_connections, {"db": "x", "fallback": "restart"}, "fallback=restart needs"),
         (pg_terminate_connections, {"db": "x", "session_states": ["asleep"]}, "value of session_states must be"),
-        (pg_restore_db, {"db": "x"}, "src (the dump to restore) is required"),
+        (pg_restore_db, {"db": "x"}, "src (the dump to restore) or source (a database to stream from) is required"),
         (pg_restore_db, {"db": "x", "src": "/d", "phase": "stage", "strategy": "replace"}, "strategy=swap only"),
         (pg_restore_db, {"db": "x", "src": "/d", "keep_previous": -1}, "keep_previous must be 0 or more"),
     ],

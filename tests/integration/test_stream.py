@@ -1,0 +1,178 @@
+"""A database refreshed from a source server (another instance and major, same run): pg_dump streamed, scrubbed.
+
+The source is production: it must only be read. Its autovacuum is off, so no transaction id is
+handed out on it unless our run writes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from psycopg import sql
+
+from ansible_collections.pgops.dbrestore.plugins.module_utils.copies import staging_name
+from ansible_collections.pgops.dbrestore.plugins.module_utils.postgres import PgOpsError
+from ansible_collections.pgops.dbrestore.plugins.module_utils.restore import RestoreRequest, restore_database
+from tests.conftest import drop_database
+from tests.harness.ansible_run import ansible_env
+from tests.harness.pg import SUPERUSER, SUPERUSER_PASSWORD, PgServer, client_bindir, start_server
+from tests.harness.restore_process import paused_restore
+from tests.integration.test_playbooks import login_vars
+
+pytestmark = pytest.mark.newest_major
+
+SOURCE_MAJOR = 15  # an older major than the target's, as production often is
+ROOT = Path(__file__).resolve().parents[2]
+# the host_vars of docs/sanitize.md: the documented source, with this machine's address and login
+DOCUMENTED = yaml.safe_load(re.search(r"```yaml\n(.*?)```", (ROOT / "docs" / "sanitize.md").read_text(), re.S)[1])
+APP, PROD, STAGING = "shop", DOCUMENTED["restore_source"]["db"], "shop_staging"
+SCRUB = "UPDATE users SET email = 'user' || id || '@example.invalid', api_key = NULL"
+PRODUCTION = """
+CREATE TABLE users (id bigserial PRIMARY KEY, email text NOT NULL UNIQUE, api_key text);
+INSERT INTO users (email, api_key) SELECT 'person' || g || '@gmail.com', 'live_' || g FROM generate_series(1, 500) g;
+CREATE TABLE events (id bigserial PRIMARY KEY, user_id bigint REFERENCES users, payload text);
+INSERT INTO events (user_id, payload) SELECT 1 + g % 500, repeat(md5(g::text), 3) FROM generate_series(1, 100000) g;
+"""
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory: pytest.TempPathFactory):
+    """Production: its own server, the app's role owning the tables."""
+    server = start_server(SOURCE_MAJOR, autovacuum="off")
+    server.sql(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(APP)))
+    server.sql(sql.SQL("CREATE DATABASE {} OWNER {}").format(sql.Identifier(PROD), sql.Identifier(APP)))
+    with server.connect(PROD) as conn:
+        conn.execute(f"SET ROLE {APP}")
+        conn.execute(PRODUCTION)
+    yield server
+    server.destroy()
+
+
+@pytest.fixture
+def staging(pg: PgServer):
+    """The staging server's database, with data of its own that a failed refresh must leave alone."""
+    pg.sql(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(APP)))
+    pg.sql(sql.SQL("CREATE DATABASE {} OWNER {}").format(sql.Identifier(STAGING), sql.Identifier(APP)))
+    pg.sql("CREATE TABLE users (id int, email text); INSERT INTO users VALUES (1, 'old@staging.invalid')",
+           dbname=STAGING)  # fmt: skip
+    yield STAGING
+    for (name,) in pg.sql("SELECT datname FROM pg_database WHERE datname LIKE 'shop_%'"):
+        drop_database(pg, name)
+    pg.sql(sql.SQL("DROP OWNED BY {} CASCADE").format(sql.Identifier(APP)))
+    pg.sql(sql.SQL("DROP ROLE {}").format(sql.Identifier(APP)))
+
+
+def source_options(src: PgServer, **kw) -> dict:
+    return {**DOCUMENTED["restore_source"], "host": "127.0.0.1", "port": src.port, "user": SUPERUSER,
+            "password": SUPERUSER_PASSWORD, "ssl_mode": "disable", **kw}  # fmt: skip
+
+
+def refresh(pg: PgServer, src: PgServer, check_mode: bool = False, **kw):
+    req = RestoreRequest(db=STAGING, source=source_options(src), bindir=str(client_bindir()), **kw)
+    return restore_database(pg.params(), req, check_mode=check_mode)
+
+
+def next_xid(src: PgServer) -> int:
+    """The next transaction id of the source server (reading it hands none out)."""
+    return src.sql("SELECT txid_snapshot_xmax(txid_current_snapshot())")[0][0]
+
+
+def row_changes(src: PgServer) -> tuple[int, int]:
+    """Commits and rows written in the source database, by the statistics (read from another database)."""
+    return src.sql("SELECT xact_commit, tup_inserted + tup_updated + tup_deleted FROM pg_stat_database "
+                   "WHERE datname = %s", (PROD,))[0]  # fmt: skip
+
+
+def staging_users(pg: PgServer) -> list:
+    return pg.sql("SELECT email FROM users ORDER BY id", dbname=STAGING)
+
+
+def test_refresh_holds_the_source_scrubbed_and_the_source_was_only_read(pg: PgServer, source: PgServer, staging):
+    xid, (commits, writes) = next_xid(source), row_changes(source)
+    planned = refresh(pg, source, check_mode=True, sanitize=[SCRUB], owner=APP)
+    assert planned.plan[0].startswith(f'create "{staging_name(STAGING)}" and stream postgres@127.0.0.1:')
+    assert [p.split(" ")[0] for p in planned.plan] == ["create", "sanitize", "verify", "close"]
+    res = refresh(pg, source, sanitize=[SCRUB], owner=APP, verify_query="SELECT count(*) = 100000 FROM events")
+    assert res.changed and res.format == "server" and res.steps_done == res.plan and res.previous_db
+    assert res.marker_after["src"] == f"postgres@127.0.0.1:{source.port}/{PROD}" and res.marker_after["sanitize"]
+    assert pg.sql("SELECT count(*), count(*) FILTER (WHERE email LIKE '%@example.invalid' AND api_key IS NULL) "
+                  "FROM users", dbname=STAGING) == [(500, 500)]  # fmt: skip
+    assert pg.sql("SELECT count(*), sum(length(payload)) FROM events", dbname=STAGING) == source.sql(
+        "SELECT count(*), sum(length(payload)) FROM events", dbname=PROD
+    )
+    assert pg.sql("SELECT tableowner FROM pg_tables WHERE tablename = 'users'", dbname=STAGING) == [(APP,)]
+    # the source: no transaction id handed out, and, once the run's commits are counted, no row written
+    assert next_xid(source) == xid
+    deadline = time.monotonic() + 10
+    while row_changes(source)[0] < commits + 2:  # the preflight's and pg_dump's transactions
+        assert time.monotonic() < deadline, "the source's statistics never counted the run's transactions"
+        time.sleep(0.05)
+    assert row_changes(source)[1] == writes
+    assert source.sql("SELECT count(*) FROM users WHERE email LIKE '%@gmail.com'", dbname=PROD) == [(500,)]
+
+
+def test_source_dying_midway_leaves_the_live_copy_intact(pg: PgServer, source: PgServer, staging, tmp_path: Path):
+    request = {"db": STAGING, "source": source_options(source)}
+    proc = paused_restore(pg, request, "streaming", tmp_path)
+    ended = source.sql("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s "
+                       "AND application_name = 'pgops.dbrestore'", (PROD,))  # fmt: skip
+    assert ended == [(True,)]  # pg_dump's session, mid-COPY
+    os.kill(proc.pid, signal.SIGCONT)
+    assert proc.wait(timeout=60) != 0
+    err = proc.stderr.read()
+    assert f"refresh from postgres@127.0.0.1:{source.port}/{PROD} failed" in err and "pg_dump exited" in err
+    assert staging_users(pg) == [("old@staging.invalid",)]
+    assert staging_name(STAGING) not in {r[0] for r in pg.sql("SELECT datname FROM pg_database")}
+
+
+def test_killed_refresh_leaves_the_live_copy_intact(pg: PgServer, source: PgServer, staging, tmp_path: Path):
+    proc = paused_restore(pg, {"db": STAGING, "source": source_options(source)}, "streaming", tmp_path)
+    proc.kill()
+    proc.wait(timeout=30)
+    deadline = time.monotonic() + 30  # pg_dump and psql die with it: their sessions go
+    while (
+        source.sql("SELECT count(*) FROM pg_stat_activity WHERE datname = %s", (PROD,))[0][0]
+        or pg.sql("SELECT count(*) FROM pg_stat_activity WHERE datname = %s", (staging_name(STAGING),))[0][0]
+    ):
+        assert time.monotonic() < deadline, "pg_dump or psql outlived the killed run"
+        time.sleep(0.05)
+    assert staging_users(pg) == [("old@staging.invalid",)]
+    # the partly loaded staging copy is the next run's leftover: it drops it first
+    assert refresh(pg, source, check_mode=True).plan[0].startswith(f'drop "{staging_name(STAGING)}"')
+
+
+def test_unreachable_source_changes_nothing(pg: PgServer, source: PgServer, staging):
+    closed = source_options(source, port=1)
+    for check_mode in (True, False):
+        req = RestoreRequest(db=STAGING, source=closed, bindir=str(client_bindir()))
+        with pytest.raises(PgOpsError, match=r"nothing was changed.*the source database cannot be read") as err:
+            restore_database(pg.params(), req, check_mode=check_mode)
+        assert err.value.details["created"] == []
+    assert staging_users(pg) == [("old@staging.invalid",)]
+
+
+def test_the_playbook_refreshes_from_restore_source_without_printing_its_password(
+    pg: PgServer, source: PgServer, staging, tmp_path: Path
+):
+    host = {"ansible_connection": "local", "ansible_python_interpreter": sys.executable, **login_vars(pg),
+            "restore_bindir": str(client_bindir()), "restore_jobs": 1, "restore_source": source_options(source),
+            "restore_sanitize": [SCRUB], "restore_verify_query": DOCUMENTED["restore_verify_query"]}  # fmt: skip
+    inventory = tmp_path / "inventory.json"
+    inventory.write_text(json.dumps({"db": {"hosts": {"staging-db1": host}}}))
+    argv = [str(Path(sys.executable).parent / "ansible-playbook"), "-i", str(inventory), "pgops.dbrestore.restore",
+            "-e", f"db={STAGING}", "-vvv"]  # fmt: skip  # -vvv: the module arguments are printed
+    proc = subprocess.run(argv, env=ansible_env(), capture_output=True, text=True, timeout=300, check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    assert f"{STAGING}: restored from postgres@127.0.0.1:{source.port}/{PROD} (server format)" in out, out
+    assert SUPERUSER_PASSWORD not in out and re.search(r"\n\s+password: VALUE_SPECIFIED_IN_NO_LOG_PARAMETER\n", out)
+    assert pg.sql("SELECT count(*) FROM users WHERE email LIKE '%@example.invalid'", dbname=STAGING) == [(500,)]
