@@ -66,7 +66,9 @@ def test_playbook_errors(pg: PgServer, live_db: str, tmp_path: Path):
     missing = run_module(MODULE, {**pg.module_args(), "db": live_db, "src": str(tmp_path / "nope.dump")})
     assert missing["failed"] and missing["msg"] == f"dump {str(tmp_path / 'nope.dump')!r} does not exist"
     no_src = run_module(MODULE, {**pg.module_args(), "db": live_db})
-    assert no_src["failed"] and no_src["msg"] == "src (the dump to restore) is required unless rollback=true"
+    assert no_src["failed"] and no_src["msg"] == (
+        "src (the dump to restore) or source (a database to stream from) is required unless rollback=true"
+    )
     both = run_module(MODULE, {**pg.module_args(), "db": live_db, "rollback": True, "src": "/x"})
     assert both["failed"] and both["msg"].startswith("rollback=true swaps the previous copy back and reads no dump")
 
