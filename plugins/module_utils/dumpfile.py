@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -73,15 +74,26 @@ class DumpSource:
         """File names of a directory dump, in name order (empty for a file)."""
         return sorted(os.listdir(self.fd)) if self.is_dir else []
 
-    def _identity(self) -> list[tuple[str, int, int, int, int]]:
-        """(name, inode, size, mtime, ctime) of the file, or of each file of a directory dump."""
+    def _identity(self) -> list[tuple[str, int, int, int, int, int]]:
+        """(name, inode, size, mtime, ctime, device) of the file, or of each file of a directory dump."""
 
-        def ident(st: os.stat_result, name: str) -> tuple[str, int, int, int, int]:
-            return (name, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        def ident(st: os.stat_result, name: str) -> tuple[str, int, int, int, int, int]:
+            return (name, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_dev)
 
         if not self.is_dir:
             return [ident(os.fstat(self.fd), "")]
         return [ident(os.stat(n, dir_fd=self.fd, follow_symlinks=False), n) for n in self.members()]
+
+    @property
+    def identity_key(self) -> str:
+        """The file's identity as recorded with a restore: device, inode, size, mtime and ctime (ns), per file.
+
+        Equal keys mean the very same file, untouched since: writing it changes mtime and ctime, and
+        nobody can set a ctime back (an in-place rewrite with the mtime put back is still noticed).
+        Computed from the stat taken when the dump was opened, before anything read it.
+        """
+        files = [[dev, ino, size, mtime, ctime, name] for name, ino, size, mtime, ctime, dev in self.identity]
+        return json.dumps(files, separators=(",", ":"))
 
     def unchanged(self, sha256: str) -> None:
         """Fail if what was loaded may differ from what was hashed.

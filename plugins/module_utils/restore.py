@@ -28,6 +28,8 @@ from ansible_collections.pgops.dbrestore.plugins.module_utils.strategies import 
     record_outcome,
 )
 
+# identity: a dump whose file identity is the recorded one is the recorded dump (not read); full: always hash it
+CHECKSUM_CHOICES = ("identity", "full")
 DEFAULT_JOBS = max(1, (os.cpu_count() or 2) // 2)  # half the host's CPUs: the live server keeps serving
 
 
@@ -55,6 +57,7 @@ class RestoreRequest:
     fallback: str = "none"
     restart: RestartSpec | None = None
     phase: str = "all"
+    verify_checksum: str = "identity"
 
     @classmethod
     def from_params(cls, p: dict[str, Any]) -> RestoreRequest:
@@ -82,6 +85,7 @@ class RestoreRequest:
             fallback=p["fallback"],
             restart=restart_spec_from_params(p),
             phase=p["phase"],
+            verify_checksum=p["verify_checksum"],
         )
 
     def __post_init__(self) -> None:
@@ -93,6 +97,8 @@ class RestoreRequest:
             raise PgOpsError(
                 f"block_new_connections must be one of {list(BLOCK_CHOICES)}, not {self.block_new_connections!r}"
             )
+        if self.verify_checksum not in CHECKSUM_CHOICES:
+            raise PgOpsError(f"verify_checksum must be one of {list(CHECKSUM_CHOICES)}, not {self.verify_checksum!r}")
         if self.fallback not in FALLBACKS:
             raise PgOpsError(f"fallback must be one of {list(FALLBACKS)}, not {self.fallback!r}")
         if self.fallback == "restart" and self.restart is None:
@@ -123,6 +129,7 @@ class RestoreResult:
     phase: str = "all"
     format: str = ""
     sha256: str = ""
+    checksum_by: str = ""  # identity: taken from our record (the dump was not read); full: the dump was hashed
     server_version: str = ""
     marker_before: dict | None = None
     marker_after: dict | None = None
