@@ -298,6 +298,8 @@ class PlainFilter:
     # psql's \restrict key: sent first, so psql refuses every meta-command the dump may hold (\! runs a shell)
     restrict_key: str = ""
     dropped: list[str] = field(default_factory=list)
+    # called with each line going to psql and whether it is COPY data (progress counts tables and indexes)
+    watch: Any = None
     in_comment: bool = False  # inside a /* ... */ block, where "Drop database" is prose
     shifted: bool = False  # our \restrict line came before the dump's first: psql's line N is the dump's N-1
 
@@ -319,6 +321,8 @@ class PlainFilter:
             pending += chunk
             *complete, pending = pending.split(b"\n")
             for raw in complete:
+                if self.watch is not None:
+                    self.watch(raw, in_copy)
                 in_copy, keep = self._step(raw, in_copy)
                 line = raw + b"\n" if keep else b"\n"  # a left-out line stays a line: psql counts as the dump does
                 if restrict:  # our key takes the place of a first comment line (pg_dump's "--"), else goes before

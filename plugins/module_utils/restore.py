@@ -58,6 +58,7 @@ class RestoreRequest:
     restart: RestartSpec | None = None
     phase: str = "all"
     verify_checksum: str = "identity"
+    progress_dir: str | None = None  # where the progress file of the run is kept (progress.py); None: nowhere
 
     @classmethod
     def from_params(cls, p: dict[str, Any]) -> RestoreRequest:
@@ -86,6 +87,7 @@ class RestoreRequest:
             restart=restart_spec_from_params(p),
             phase=p["phase"],
             verify_checksum=p["verify_checksum"],
+            progress_dir=p["progress_dir"],
         )
 
     def __post_init__(self) -> None:
@@ -188,6 +190,10 @@ def restore_database(params: ConnParams, req: RestoreRequest, *, check_mode: boo
         err = sql_error(exc, "PostgreSQL error")
         _attach(err, res, op)
         raise err from exc
+    except BaseException as exc:  # killed, or a bug: the progress file must not say done
+        if op is not None:
+            op.finish(error=f"{type(exc).__name__}: {exc}")
+        raise
     finally:
         if op is not None:
             op.finish()
@@ -196,5 +202,5 @@ def restore_database(params: ConnParams, req: RestoreRequest, *, check_mode: boo
 def _attach(exc: PgOpsError, res: RestoreResult, op: Operation | None) -> None:
     """Put what was done so far on the error: the module reports it, changed=true if anything changed."""
     if op is not None:
-        op.finish()
+        op.finish(error=str(exc))
     exc.details.update(res.as_dict())

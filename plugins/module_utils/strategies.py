@@ -155,7 +155,7 @@ class Staging:
     def _run_load(self) -> None:
         op, t, req = self.t.op, self.t, self.t.op.req
         opts = LoadOptions(bindir=t.bindir, jobs=req.load_jobs, tool_args=req.tool_args)
-        op.res.stripped_statements = restore_into(op.params, op.info, t.staging, self.dump, opts)
+        op.res.stripped_statements = restore_into(op.params, op.info, t.staging, self.dump, opts, op.progress)
         self.dump.unchanged(op.res.sha256)
         op.res.log.append(f'restored the {self.dump.format} dump into "{t.staging}"')
 

@@ -112,6 +112,18 @@ options:
     type: str
     choices: [ identity, full ]
     default: identity
+  progress_dir:
+    description:
+      - "Directory of the progress file of the run, C(<progress_dir>/<db>.json) (the database name %-quoted), created
+        if missing. It is replaced atomically every second and at each phase, so another task or a status page
+        can read it while the restore runs; M(pgops.dbrestore.pg_restore_wait) prints it as a line such as
+        C(hoge_db: staging 43 % — 12/40 tables, 1.2 of 2.8 GB, 4/16 indexes, 00:01:52)."
+      - It holds the phase, tables, dump bytes and indexes done of their totals (from the dump's table of contents
+        and what C(pg_restore --verbose) reports finished), the running COPYs (C(pg_stat_progress_copy), 14+) and
+        index builds (C(pg_stat_progress_create_index), 12+) of the staging copy, the elapsed time, and at the end
+        the outcome. No secrets; mode 0644. A file that cannot be written gives a warning, never a failure.
+      - Unset, no progress is recorded (and C(pg_restore) runs without C(--verbose)).
+    type: path
   owner:
     description:
       - Owner of the restored database. Default is the owner of the live database (or the login role for a new one).
@@ -418,6 +430,7 @@ def main() -> None:
         keep_previous=dict(type="int", default=1),
         force=dict(type="bool", default=False),
         verify_checksum=dict(type="str", default="identity", choices=list(CHECKSUM_CHOICES)),
+        progress_dir=dict(type="path"),
         owner=dict(type="str"),
         template=dict(type="str", default="template0"),
         encoding=dict(type="str"),
