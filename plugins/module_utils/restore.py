@@ -59,6 +59,7 @@ class RestoreRequest:
     phase: str = "all"
     verify_checksum: str = "identity"
     progress_dir: str | None = None  # where the progress file of the run is kept (progress.py); None: nowhere
+    parallel_table_mb: int = 256  # tables of the live database this large load by several COPY sessions; 0: none
 
     @classmethod
     def from_params(cls, p: dict[str, Any]) -> RestoreRequest:
@@ -88,6 +89,7 @@ class RestoreRequest:
             phase=p["phase"],
             verify_checksum=p["verify_checksum"],
             progress_dir=p["progress_dir"],
+            parallel_table_mb=p["parallel_table_mb"],
         )
 
     def __post_init__(self) -> None:
@@ -115,6 +117,8 @@ class RestoreRequest:
             raise PgOpsError("src (the dump to restore) is required unless rollback=true")
         if self.keep_previous < 0:
             raise PgOpsError("keep_previous must be 0 or more")
+        if self.parallel_table_mb < 0:
+            raise PgOpsError("parallel_table_mb must be 0 (never split a table) or more")
         if self.jobs is not None and self.jobs < 1:
             raise PgOpsError("jobs must be 1 or more")
 
