@@ -244,8 +244,8 @@ class Progress:
             except Exception:  # noqa: BLE001 - progress never fails a restore; the next sample tries again
                 views = None
         with self.lock:
-            if done is not None:
-                self.data["bytes_done"] = done
+            if done is not None:  # never backwards: a tool that exited takes its count with it
+                self.data["bytes_done"] = max(self.data["bytes_done"], done)
             if views is not None:
                 self.data["copying"], self.data["indexing"] = views
 
