@@ -13,6 +13,12 @@ WALL_RATIO_TARGET = 1.10
 RERUN_TARGET_S = 2.0
 POOLED_LONGEST_TARGET_MS = 250  # the longest query behind a paused PgBouncer
 POOLED = "swap with pgbouncers (PAUSE/RESUME)"
+BIG_RERUN_MODULE_S = 0.5  # a no-op rerun of a >= 1 GB dump, in the module
+BIG_RERUN_ANSIBLE_S = 2.0  # the same through ansible-playbook
+BIG_DUMP_MB = 1000
+BIG_TABLE_RATIO = 0.8  # swap wall against raw pg_restore -jN, one-big-table database, largest size
+MANY_TABLES_RATIO = 1.0  # the same on the many-tables database
+OWN_COST_S = 0.3  # the module's work outside its load
 
 SWAP = "pg_restore_db swap"
 CLEAR = "clear_sessions (block) + DROP"
@@ -143,6 +149,52 @@ def rerun_table(sizes: list[dict]) -> list[str]:
     return out
 
 
+def _module_s(r: dict) -> float | None:
+    """The module's own time of a run (phases_ms total), or None for a failed one."""
+    return r["phases_ms"]["total"] / 1000 if r.get("ok") and r.get("phases_ms") else None
+
+
+def progress_table(sizes: list[dict]) -> list[str]:
+    out = ["| size | swap s (median) | swap + progress s (median) | overhead s | pairs |", "|---|---|---|---|---|"]
+    for size in sizes:
+        rows = size.get("progress", [])
+        plain, watched = median(_ok(_by(rows, method="swap"))), median(_ok(_by(rows, method="swap + progress")))
+        over = watched - plain if plain is not None and watched is not None else None
+        out.append(f"| {_size_label(size)} | {fmt(plain)} | {fmt(watched)} | {fmt(over)} | "
+                   f"{len(_by(rows, method='swap'))} |")  # fmt: skip
+    return out
+
+
+def many_tables_table(many: dict) -> list[str]:
+    rows = many["walls"]
+    raw = next(m for m in _methods(rows) if m != SWAP)
+    r, w = median(_ok(_by(rows, method=raw))), median(_ok(_by(rows, method=SWAP)))
+    ratio = w / r if r and w is not None else None
+    return [
+        f"{many['tables']} tables of 20 000 rows with an index each ({many['mb']} MB), interleaved pairs.",
+        "",
+        f"| {raw} s (median) | swap s (median) | swap / raw | pairs |",
+        "|---|---|---|---|",
+        f"| {fmt(r)} | {fmt(w)} | {fmt(ratio)}× | {len(_by(rows, method=SWAP))} |",
+    ]
+
+
+def big_rerun_table(big: dict) -> list[str]:
+    out = [
+        f"No-op reruns of a {big['dump_mb']} MB dump (restored once first, {fmt(big['first']['s'])} s).",
+        "",
+        "| rerun | wall s (median) | in the module s (median) | changed | trials |",
+        "|---|---|---|---|---|",
+    ]
+    for label, key in (("by identity (default)", "identity"), ("verify_checksum: full", "full_hash"),
+                       ("by identity, through ansible-playbook", "ansible")):  # fmt: skip
+        rows = big[key]
+        module = [m for m in map(_module_s, rows) if m is not None]
+        changed = "/".join(sorted({str(r.get("changed")) for r in rows}))
+        out.append(f"| {label} | {fmt(median(_ok(rows)))} | {fmt(median(module))} | {changed} | {len(rows)} |")
+    return out
+
+
 def pooled_table(rows: list[dict]) -> list[str]:
     out = [
         "| method | switched | failed queries (total; per trial) | queries | longest query ms (worst; median) "
@@ -163,7 +215,7 @@ def pooled_table(rows: list[dict]) -> list[str]:
 
 
 def refresh_table(sizes: list[dict]) -> list[str]:
-    """Scenario 7: refresh from another server, pg_restore_db source= against a pipe by hand."""
+    """Scenario 10: refresh from another server, pg_restore_db source= against a pipe by hand."""
     hand, ours = "pg_dump | pg_restore", "pg_restore_db source="
     header = hand.replace("|", "\\|")  # a pipe in a Markdown table cell
     out = [f"| size | {ours} s | {header} s (into a fresh database) | ratio | failures |", "|---|---|---|---|---|"]
@@ -242,14 +294,36 @@ def targets(res: dict) -> list[str]:
         worst = float(max(r["longest_ms"] for r in pooled))
         out.append(f"| behind PgBouncer: longest query ≤ {POOLED_LONGEST_TARGET_MS} ms | worst trial {worst:.0f} ms | "
                    f"{_verdict(worst, POOLED_LONGEST_TARGET_MS, ' ms')} |")  # fmt: skip
+    out.append(f"| one-big-table database (pgbench): swap wall ≤ {BIG_TABLE_RATIO:g} × pg_restore -j{jobs} "
+               f"({_size_label(sizes[-1])}) | {fmt(ratio)}× | {_verdict(ratio, BIG_TABLE_RATIO, '×')} |")  # fmt: skip
+    out.append(f"| the module's work outside the load ≤ {OWN_COST_S:g} s ({_size_label(sizes[-1])}) | {fmt(own)} s | "
+               f"{_verdict(own, OWN_COST_S, ' s')} |")  # fmt: skip
+    many = res.get("many_tables")
+    if many:
+        raw_many = next(m for m in _methods(many["walls"]) if m != SWAP)
+        r, w = median(_ok(_by(many["walls"], method=raw_many))), median(_ok(_by(many["walls"], method=SWAP)))
+        many_ratio = w / r if r and w is not None else None
+        out.append(f"| many-tables database: swap wall ≤ {MANY_TABLES_RATIO:g} × {raw_many} | {fmt(many_ratio)}× | "
+                   f"{_verdict(many_ratio, MANY_TABLES_RATIO, '×')} |")  # fmt: skip
+    big = res.get("big_rerun")
+    if big:
+        module = median([m for m in map(_module_s, big["identity"]) if m is not None])
+        via = median(_ok(big["ansible"]))
+        small = big["dump_mb"] < BIG_DUMP_MB
+        note = f" — dump of {big['dump_mb']} MB < {BIG_DUMP_MB} MB: not the target's size" if small else ""
+        out.append(f"| no-op rerun of a ≥ {BIG_DUMP_MB} MB dump ≤ {BIG_RERUN_MODULE_S:g} s in the module | "
+                   f"{fmt(module)} s ({big['dump_mb']} MB){note} | "
+                   f"{'not measured' if small else _verdict(module, BIG_RERUN_MODULE_S, ' s')} |")  # fmt: skip
+        out.append(f"| the same ≤ {BIG_RERUN_ANSIBLE_S:g} s through ansible-playbook | {fmt(via)} s | "
+                   f"{'not measured' if small else _verdict(via, BIG_RERUN_ANSIBLE_S, ' s')} |")  # fmt: skip
     return out
 
 
 def markdown(res: dict) -> str:
     meta = res["meta"]
     refresh = []
-    if res.get("refresh"):  # results.json of runs before scenario 7 have none
-        title = f"## 7. Refresh from another server, no dump file ({meta['wall_trials']} trial(s) each)"
+    if res.get("refresh"):  # results.json of runs before scenario 10 have none
+        title = f"## 10. Refresh from another server, no dump file ({meta['wall_trials']} trial(s) each)"
         refresh = [title, "", *refresh_table(res["refresh"]), ""]
     lines = [
         f"# pgops.dbrestore bench, {meta['date']}",
@@ -276,9 +350,21 @@ def markdown(res: dict) -> str:
         "",
         *rerun_table(res["sizes"]),
         "",
+        "## 5. Progress overhead: swap against swap recording its progress file, interleaved pairs",
+        "",
+        *progress_table(res["sizes"]),
+        "",
+        "## 6. Many tables: raw createdb + pg_restore against the swap",
+        "",
+        *(many_tables_table(res["many_tables"]) if res.get("many_tables") else ["not measured"]),
+        "",
+        "## 7. No-op rerun of a large dump: by the file's identity, by a full hash, through ansible-playbook",
+        "",
+        *(big_rerun_table(res["big_rerun"]) if res.get("big_rerun") else ["not measured"]),
+        "",
         *(
             [
-                f"## 6. Behind PgBouncer (transaction pooling, {meta.get('pooled_clients', 20)} clients, a query every "
+                f"## 9. Behind PgBouncer (transaction pooling, {meta.get('pooled_clients', 20)} clients, a query every "
                 f"10 ms, pgbench -s 1, {meta.get('pooled_trials', 1)} trial(s) each)",
                 "",
                 *pooled_table(res["pgbouncer"]),

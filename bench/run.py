@@ -34,8 +34,11 @@ from methods import (  # noqa: E402
     dump_pipe_restore,
     pg_restore,
     refresh_from_server,
+    rerun_full_hash,
+    rerun_identity,
     restore_swap,
     restore_swap_pooled,
+    restore_swap_progress,
     restore_via_ansible,
 )
 from psycopg import sql  # noqa: E402
@@ -63,10 +66,15 @@ class Plan:
     probes: int = 4
     pooled_trials: int = 5
     pooled_clients: int = 20
+    progress_pairs: int = 5  # interleaved (swap, swap with progress) pairs per size
+    big_dump_mb: int = 1100  # the dump of the rerun-at-any-size bench (incompressible rows, uncompressed dump)
+    big_trials: int = 5
+    many_tables: int = 400  # the many-tables database: this many tables of 20 000 rows, each with an index
 
 
-FULL = Plan(scales=(1, 10, 50))
-QUICK = Plan(scales=(1,), drop_trials=2, outage_trials=1, wall_trials=1, rerun_trials=1, pooled_trials=1)
+FULL = Plan(scales=(1, 10, 50), wall_trials=5, many_tables=400)
+QUICK = Plan(scales=(1,), drop_trials=2, outage_trials=1, wall_trials=1, rerun_trials=1, pooled_trials=1,
+             progress_pairs=1, big_dump_mb=24, big_trials=2, many_tables=20)  # fmt: skip
 
 
 def log(msg: str) -> None:
@@ -187,6 +195,15 @@ def bench_size(pg: PgServer, plan: Plan, scale: int, work: Path) -> dict:
     size["walls"] = walls
     log(f"s={scale}: wall times done")
 
+    pairs = []
+    for trial in range(plan.progress_pairs):  # interleaved, so drift of the machine hits both alike
+        ensure_loaded(pg, db, dump)
+        pairs.append({"method": "swap", "trial": trial, **timed(restore_swap, pg, db, dump)})
+        ensure_loaded(pg, db, dump)
+        pairs.append({"method": "swap + progress", "trial": trial, **timed(restore_swap_progress, pg, db, dump)})
+    size["progress"] = pairs
+    log(f"s={scale}: progress overhead done")
+
     # the last swap left the dump's marker in db: from here on a run without force has nothing to do
     size["reruns"] = [timed(restore_swap, pg, db, dump, False) for _trial in range(plan.rerun_trials)]
     size["ansible_rerun"] = timed(restore_via_ansible, pg, db, dump)
@@ -205,7 +222,65 @@ def bench_size(pg: PgServer, plan: Plan, scale: int, work: Path) -> dict:
     return size
 
 
-# --- scenario 6: behind PgBouncer ---------------------------------------------------------------
+def createdb_and_pg_restore(pg: PgServer, db: str, dump: Path) -> dict:
+    """Raw: createdb + pg_restore -jN into a new database, as a script does it."""
+    pg.sql(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(db)))
+    pg_restore(pg, db, dump, JOBS)
+    return {}
+
+
+def bench_many_tables(pg: PgServer, plan: Plan, work: Path) -> dict:
+    """Wall time on a database of many mid-sized tables (no table to split): raw createdb + pg_restore -jN
+    against the swap, in interleaved pairs."""
+    db = "bench_many"
+    log(f"building {plan.many_tables} tables in {db}")
+    pg.sql(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(db)))
+    for i in range(plan.many_tables):
+        pg.sql(f"CREATE TABLE t{i} AS SELECT g AS id, md5(g::text) AS v FROM generate_series(1, 20000) g; "
+               f"CREATE INDEX ON t{i} (v)", dbname=db)  # fmt: skip
+    mb = pg.sql("SELECT pg_database_size(%s) / 1048576", (db,))[0][0]
+    dump = work / f"{db}.pgc"
+    subprocess.run([str(client_bindir() / "pg_dump"), "-Fc", "-f", str(dump), db], env=pg.client_env(), check=True)
+    walls = []
+    for trial in range(plan.wall_trials):
+        fresh = f"{db}_fresh"
+        drop_reliably(pg, fresh)
+        walls.append({"method": f"createdb + pg_restore -j{JOBS}", "trial": trial,
+                      **timed(createdb_and_pg_restore, pg, fresh, dump)})  # fmt: skip
+        drop_reliably(pg, fresh)
+        walls.append({"method": "pg_restore_db swap", "trial": trial, **timed(restore_swap, pg, db, dump)})
+    log(f"{plan.many_tables} tables: wall times done")
+    for (name,) in pg.sql("SELECT datname FROM pg_database WHERE datname LIKE %s", (f"{db}%",)):
+        drop_reliably(pg, name)
+    return {"tables": plan.many_tables, "mb": int(mb), "walls": walls}
+
+
+def bench_big_rerun(pg: PgServer, plan: Plan, work: Path) -> dict:
+    """A no-op rerun of a large dump: by the file's identity (reads nothing) against a full hash, and through
+    ansible-playbook; the dump is uncompressed incompressible rows of about plan.big_dump_mb MB."""
+    db = "bench_big"
+    env = pg.client_env()
+    rows = plan.big_dump_mb * 1000  # ~1 kB a row
+    log(f"building a {plan.big_dump_mb} MB dump in {db}")
+    pg.sql(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(db)))
+    pg.sql("CREATE TABLE blob (id int PRIMARY KEY, payload text)", dbname=db)
+    pg.sql("INSERT INTO blob SELECT g, (SELECT string_agg(md5(g::text || ':' || k), '') FROM generate_series(1, 32) k) "
+           "FROM generate_series(1, %s) g", (rows,), dbname=db)  # fmt: skip
+    dump = work / f"{db}.pgc"
+    subprocess.run([str(client_bindir() / "pg_dump"), "-Fc", "-Z0", "-f", str(dump), db], env=env, check=True)
+    out: dict = {"dump_mb": round(dump.stat().st_size / 2**20, 1)}
+    out["first"] = timed(restore_swap, pg, db, dump)  # records the dump with its identity
+    out["identity"] = [timed(rerun_identity, pg, db, dump) for _trial in range(plan.big_trials)]
+    out["full_hash"] = [timed(rerun_full_hash, pg, db, dump) for _trial in range(plan.big_trials)]
+    out["ansible"] = [timed(restore_via_ansible, pg, db, dump) for _trial in range(max(1, plan.big_trials // 2))]
+    log(f"big dump ({out['dump_mb']} MB): reruns done")
+    for (name,) in pg.sql("SELECT datname FROM pg_database WHERE datname LIKE %s", (f"{db}%",)):
+        drop_reliably(pg, name)
+    dump.unlink()
+    return out
+
+
+# --- scenario 9: behind PgBouncer ---------------------------------------------------------------
 
 POOLED_DB = "bench_pooled"
 POOLED_METHODS = ("swap with pgbouncers (PAUSE/RESUME)", "swap without pgbouncers")
@@ -246,7 +321,7 @@ def bench_pgbouncer(pg: PgServer, plan: Plan, work: Path) -> list[dict]:
 
 
 def bench_refresh(pg: PgServer, source: PgServer, plan: Plan, scale: int) -> dict:
-    """Scenario 7: a database refreshed from another server, by pg_restore_db source= and by a pipe by hand."""
+    """Scenario 10: a database refreshed from another server, by pg_restore_db source= and by a pipe by hand."""
     db = f"refresh_s{scale}"
     log(f"pgbench -i -s {scale} into {db} on the source server")
     source.sql(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(db)))
@@ -306,8 +381,10 @@ def main() -> None:
             res["pgbouncer"] = bench_pgbouncer(pg, plan, work)
         else:
             notes.append(f"{PGBOUNCER} is missing (apt-get install pgbouncer): the PgBouncer scenario did not run")
+        res["many_tables"] = bench_many_tables(pg, plan, work)
+        res["big_rerun"] = bench_big_rerun(pg, plan, work)
         version = pg.sql("SHOW server_version")[0][0]
-        log(f"starting a second PostgreSQL {args.pg}, the source server of scenario 7")
+        log(f"starting a second PostgreSQL {args.pg}, the source server of scenario 10")
         source = start_server(args.pg)
         try:
             res["refresh"] = [bench_refresh(pg, source, plan, scale) for scale in plan.scales]

@@ -7,10 +7,20 @@ from __future__ import annotations
 import itertools
 import os
 import secrets
-from dataclasses import dataclass
+import subprocess
+import tempfile
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
-from ansible_collections.pgops.dbrestore.plugins.module_utils.dumpfile import DumpSource, PlainFilter
+from ansible_collections.pgops.dbrestore.plugins.module_utils.dumpfile import DumpSource, PlainFilter, _FdReader
+from ansible_collections.pgops.dbrestore.plugins.module_utils.parallel import (
+    SplitCopy,
+    bulk_settings,
+    pgoptions,
+    split_list,
+)
 from ansible_collections.pgops.dbrestore.plugins.module_utils.postgres import (
     ConnParams,
     PgOpsError,
@@ -21,6 +31,13 @@ from ansible_collections.pgops.dbrestore.plugins.module_utils.postgres import (
     one_line,
     psycopg,
     sql,
+)
+from ansible_collections.pgops.dbrestore.plugins.module_utils.progress import (
+    Progress,
+    is_info,
+    list_totals,
+    read_bytes,
+    server_views,
 )
 from ansible_collections.pgops.dbrestore.plugins.module_utils.tools import (
     ToolOutput,
@@ -38,6 +55,9 @@ class LoadOptions:
     bindir: str | None = None
     jobs: int = 1
     tool_args: tuple[str, ...] = ()
+    # (schema, table) of the tables to load by `jobs` COPY sessions at once (parallel.py); empty: none
+    split: frozenset[tuple[str, str]] = frozenset()
+    split_loaded: list[str] = field(default_factory=list)  # filled in: the tables that were loaded split
 
 
 def conninfo_for(dbname: str) -> str:
@@ -78,40 +98,175 @@ def psql_argv(bindir: str | None, dbname: str, tool_args: tuple[str, ...]) -> li
             "-d", conninfo_for(dbname), *tool_args, "-f", "-"]  # fmt: skip
 
 
-def restore_into(params: ConnParams, info: ServerInfo, dbname: str, dump: DumpSource, opts: LoadOptions) -> list[str]:
+def restore_into(
+    params: ConnParams,
+    info: ServerInfo,
+    dbname: str,
+    dump: DumpSource,
+    opts: LoadOptions,
+    progress: Progress | None = None,
+) -> list[str]:
     """Load the dump into dbname with pg_restore --exit-on-error or psql ON_ERROR_STOP (one transaction).
 
     Returns the statements of a plain dump that were left out. pg_restore 17+ sends SET
     transaction_timeout, which servers before 17 reject: against those, the archive is turned
-    into SQL (pg_restore -f -) and fed to psql without that line.
+    into SQL (pg_restore -f -) and fed to psql without that line. With progress, what is done
+    is counted as it happens (see progress.py).
     """
-    env = params.tool_env()
+    # the tools' own sessions only: settings that help a bulk load (see parallel.bulk_settings)
+    env = {**params.tool_env(), "PGOPTIONS": pgoptions(bulk_settings(opts.jobs))}
     old_server = info.version_num < 170000
     flt = PlainFilter(unknown_settings=("transaction_timeout",) if old_server else (),
                       restrict_key=secrets.token_hex(16))  # fmt: skip
     fds = (dump.fd,)
-    if dump.is_archive:
-        pg_restore = find_tool("pg_restore", opts.bindir)
-        if not (old_server and tool_version(pg_restore)[0] >= 17):
-            argv = [pg_restore, "--exit-on-error", "--no-password", "-d", conninfo_for(dbname)]
-            if dump.format != "tar" and opts.jobs > 1:  # tar archives cannot be restored in parallel
-                argv.append(f"--jobs={opts.jobs}")
-            run_tool([*argv, *opts.tool_args, dump.child_path], env, pass_fds=fds)
-            return []
-        psql = psql_argv(opts.bindir, dbname, ())
-        with ToolOutput([pg_restore, "-f", "-", *opts.tool_args, dump.child_path], env, pass_fds=fds) as sql_out:
-            run_tool(psql, env, feed=flt.lines(sql_out))
+    views = _ViewSampler(params, info, dbname) if progress is not None and info.version_num >= 120000 else None
+    if progress is not None:
+        progress.sampler = views
+    try:
+        if dump.is_archive:
+            pg_restore = find_tool("pg_restore", opts.bindir)
+            if progress is not None:
+                tables, indexes = list_totals([pg_restore, "-l", dump.child_path], env, fds)
+                progress.totals(tables, indexes, dump.size)
+            split_ok = opts.split and opts.jobs > 1 and not opts.tool_args and dump.format in ("custom", "directory")
+            if split_ok and not (old_server and tool_version(pg_restore)[0] >= 17):
+                loaded = _restore_split(params, dbname, dump, opts, pg_restore, env, progress)
+                if loaded is not None:
+                    return loaded
+            if not (old_server and tool_version(pg_restore)[0] >= 17):
+                argv = [pg_restore, "--exit-on-error", "--no-password", "-d", conninfo_for(dbname)]
+                if dump.format != "tar" and opts.jobs > 1:  # tar archives cannot be restored in parallel
+                    argv.append(f"--jobs={opts.jobs}")
+                if progress is None:
+                    run_tool([*argv, *opts.tool_args, dump.child_path], env, pass_fds=fds)
+                    return []
+                progress.parallel = any(a.startswith("--jobs=") for a in argv)
+                run_tool([*argv, "--verbose", *opts.tool_args, dump.child_path], {**env, "LC_MESSAGES": "C"},
+                         pass_fds=fds, on_start=progress.reader_pids.append,
+                         on_line=progress.tool_line, is_info=is_info)  # fmt: skip
+                progress.loaded()
+                return []
+            psql = psql_argv(opts.bindir, dbname, ())
+            with ToolOutput([pg_restore, "-f", "-", *opts.tool_args, dump.child_path], env, pass_fds=fds) as sql_out:
+                if progress is not None:
+                    progress.reader_pids.append(sql_out.proc.pid)
+                    flt.watch = progress.plain_chunk
+                run_tool(psql, env, feed=flt.lines(sql_out))
+            if progress is not None:
+                progress.loaded()
+            return flt.dropped
+        psql = psql_argv(opts.bindir, dbname, opts.tool_args)
+        with dump.plain_stream() as stream:
+            if progress is not None:
+                progress.totals(None, None, dump.size)
+                progress.plain_read = _position(stream)
+                flt.watch = progress.plain_chunk
+            try:
+                run_tool(psql, env, feed=flt.lines(stream))
+            except PgOpsError as exc:
+                if not flt.shifted:
+                    raise
+                raise PgOpsError(f"{exc} (psql's line N is line N-1 of the dump: our \\restrict line comes first)",
+                                 sqlstate=exc.sqlstate) from exc  # fmt: skip
+        if progress is not None:
+            progress.loaded()
         return flt.dropped
-    psql = psql_argv(opts.bindir, dbname, opts.tool_args)
-    with dump.plain_stream() as stream:
+    finally:
+        if views is not None:
+            views.close()
+
+
+def _restore_split(
+    params: ConnParams,
+    dbname: str,
+    dump: DumpSource,
+    opts: LoadOptions,
+    pg_restore: str,
+    env: dict[str, str],
+    progress: Progress | None,
+) -> list[str] | None:
+    """pre-data; the large tables by several COPY sessions each while pg_restore --jobs loads the rest; post-data.
+
+    None when none of opts.split is in the dump (the caller restores it as usual).
+    """
+    fds = (dump.fd,)
+    try:
+        toc = subprocess.run([pg_restore, "-l", dump.child_path], env=env, pass_fds=fds, capture_output=True,
+                             check=True).stdout.decode(errors="replace")  # fmt: skip
+    except (OSError, subprocess.CalledProcessError) as exc:
+        raise PgOpsError(f"pg_restore -l of {dump.path!r} failed: {exc}") from exc
+    listing, chosen = split_list(toc, set(opts.split))
+    if not chosen:
+        return None
+    settings = bulk_settings(opts.jobs)
+    base = [pg_restore, "--exit-on-error", "--no-password", "-d", conninfo_for(dbname)]
+    watch: dict[str, Any] = {}
+    if progress is not None:
+        base.append("--verbose")
+        env["LC_MESSAGES"] = "C"
+        progress.parallel = True
+        watch = {"on_start": progress.reader_pids.append, "on_line": progress.tool_line, "is_info": is_info}
+    with tempfile.NamedTemporaryFile("w", suffix=".list") as list_file:
+        list_file.write(listing)
+        list_file.flush()
+        run_tool([*base, "--section=pre-data", dump.child_path], env, pass_fds=fds, **watch)
+        rest_failed: list[BaseException] = []
+
+        def rest() -> None:
+            try:
+                run_tool([*base, "--section=data", f"--jobs={opts.jobs}", "-L", list_file.name, dump.child_path],
+                         env, pass_fds=fds, **watch)  # fmt: skip
+            except BaseException as exc:  # noqa: BLE001 - raised in the caller's thread below
+                rest_failed.append(exc)
+
+        others = threading.Thread(target=rest, name="pgops-restore-data", daemon=True)
+        others.start()
         try:
-            run_tool(psql, env, feed=flt.lines(stream))
-        except PgOpsError as exc:
-            if not flt.shifted:
-                raise
-            raise PgOpsError(f"{exc} (psql's line N is line N-1 of the dump: our \\restrict line comes first)",
-                             sqlstate=exc.sqlstate) from exc  # fmt: skip
-    return flt.dropped
+            for schema, table in chosen:
+                argv = [pg_restore, "--data-only", "-n", schema, "-t", table, "-f", "-", dump.child_path]
+                split = SplitCopy(params, dbname, opts.jobs, settings)
+                split.run(argv, env, fds, schema, table, on_start=watch.get("on_start"))
+                opts.split_loaded.append(f"{schema}.{table}")
+                if progress is not None:
+                    progress.table_loaded()
+        finally:
+            others.join()
+        if rest_failed:
+            raise rest_failed[0]
+        run_tool([*base, "--section=post-data", f"--jobs={opts.jobs}", dump.child_path], env, pass_fds=fds, **watch)
+    if progress is not None:
+        progress.loaded()
+    return []
+
+
+def _position(stream: Any) -> Callable[[], int] | None:
+    """How many bytes of the dump file a plain stream has read so far."""
+    if isinstance(stream, _FdReader):
+        return lambda: stream.offset
+    inner = getattr(stream, "fileobj", None)  # gzip.GzipFile
+    if isinstance(inner, _FdReader):
+        return lambda: inner.offset
+    proc = getattr(stream, "proc", None)  # a decompressor reading the file
+    if proc is not None:
+        return lambda: read_bytes([proc.pid])
+    return None
+
+
+class _ViewSampler:
+    """The server's progress views for one database, on a connection of its own (the progress thread's)."""
+
+    def __init__(self, params: ConnParams, info: ServerInfo, dbname: str) -> None:
+        self.params, self.info, self.dbname = params, info, dbname
+        self.conn: Any = None
+
+    def __call__(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        if self.conn is None or self.conn.closed:
+            self.conn = connect(self.params.with_db(self.dbname))  # names of its tables resolve there
+        return server_views(self.conn, self.info.version_num, self.dbname)
+
+    def close(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
 
 
 def verify(params: ConnParams, dbname: str, verify_query: str | None, owner: str, analyze: bool) -> None:

@@ -31,6 +31,8 @@ from ansible_collections.pgops.dbrestore.plugins.module_utils.strategies import 
     record_outcome,
 )
 
+# identity: a dump whose file identity is the recorded one is the recorded dump (not read); full: always hash it
+CHECKSUM_CHOICES = ("identity", "full")
 DEFAULT_JOBS = max(1, (os.cpu_count() or 2) // 2)  # half the host's CPUs: the live server keeps serving
 
 
@@ -65,6 +67,9 @@ class RestoreRequest:
     pgbouncer_fallback: str = "none"
     standbys: tuple[Standby, ...] = ()  # followed after the switch (dicts of Standby's fields are taken too)
     standby_timeout: float = 30
+    verify_checksum: str = "identity"
+    progress_dir: str | None = None  # where the progress file of the run is kept (progress.py); None: nowhere
+    parallel_table_mb: int = 256  # tables of the live database this large load by several COPY sessions; 0: none
 
     @classmethod
     def from_params(cls, p: dict[str, Any]) -> RestoreRequest:
@@ -99,6 +104,9 @@ class RestoreRequest:
             pgbouncer_fallback=p.get("pgbouncer_fallback") or "none",
             standbys=tuple(Standby.from_params(s) for s in p.get("standbys") or ()),
             standby_timeout=p.get("standby_timeout", 30),
+            verify_checksum=p.get("verify_checksum") or "identity",
+            progress_dir=p.get("progress_dir"),
+            parallel_table_mb=p.get("parallel_table_mb", 256),
         )
 
     def __post_init__(self) -> None:
@@ -130,6 +138,8 @@ class RestoreRequest:
             raise PgOpsError(
                 f"block_new_connections must be one of {list(BLOCK_CHOICES)}, not {self.block_new_connections!r}"
             )
+        if self.verify_checksum not in CHECKSUM_CHOICES:
+            raise PgOpsError(f"verify_checksum must be one of {list(CHECKSUM_CHOICES)}, not {self.verify_checksum!r}")
         if self.fallback not in FALLBACKS:
             raise PgOpsError(f"fallback must be one of {list(FALLBACKS)}, not {self.fallback!r}")
         if self.fallback == "restart" and self.restart is None:
@@ -156,6 +166,8 @@ class RestoreRequest:
                              "not with rollback or phase=switch/abort")  # fmt: skip
         if self.keep_previous < 0:
             raise PgOpsError("keep_previous must be 0 or more")
+        if self.parallel_table_mb < 0:
+            raise PgOpsError("parallel_table_mb must be 0 (never split a table) or more")
         if self.jobs is not None and self.jobs < 1:
             raise PgOpsError("jobs must be 1 or more")
 
@@ -172,6 +184,7 @@ class RestoreResult:
     phase: str = "all"
     format: str = ""
     sha256: str = ""
+    checksum_by: str = ""  # identity: taken from our record (the dump was not read); full: the dump was hashed
     server_version: str = ""
     marker_before: dict | None = None
     marker_after: dict | None = None
@@ -224,6 +237,7 @@ def restore_database(params: ConnParams, req: RestoreRequest, *, check_mode: boo
         if not check_mode:
             with op.phase("lock"):
                 res.warnings += op.conn.lock(req.lock_timeout)
+            op.progress.start()
         op.walk(plan_for(op))
         if not check_mode:
             record_outcome(op)
@@ -235,6 +249,10 @@ def restore_database(params: ConnParams, req: RestoreRequest, *, check_mode: boo
         err = sql_error(exc, "PostgreSQL error")
         _attach(err, res, op)
         raise err from exc
+    except BaseException as exc:  # killed, or a bug: the progress file must not say done
+        if op is not None:
+            op.finish(error=f"{type(exc).__name__}: {exc}")
+        raise
     finally:
         if op is not None:
             op.finish()
@@ -243,5 +261,5 @@ def restore_database(params: ConnParams, req: RestoreRequest, *, check_mode: boo
 def _attach(exc: PgOpsError, res: RestoreResult, op: Operation | None) -> None:
     """Put what was done so far on the error: the module reports it, changed=true if anything changed."""
     if op is not None:
-        op.finish()
+        op.finish(error=str(exc))
     exc.details.update(res.as_dict())

@@ -44,6 +44,7 @@ from ansible_collections.pgops.dbrestore.plugins.module_utils.load import (
     verify,
 )
 from ansible_collections.pgops.dbrestore.plugins.module_utils.operation import Operation, Step, pause_point
+from ansible_collections.pgops.dbrestore.plugins.module_utils.parallel import large_tables
 from ansible_collections.pgops.dbrestore.plugins.module_utils.pooler import Pause
 from ansible_collections.pgops.dbrestore.plugins.module_utils.postgres import (
     OBJECT_IN_USE,
@@ -144,10 +145,25 @@ class Staging:
         self.scripts = scripts or []
         self.owner = sanitize_owner(t) if self.scripts else ""  # read now: replace drops the live one first
         self.live: DatabaseSettings | None = None
+        self.split: frozenset[tuple[str, str]] = frozenset()
+
+    def plan_split(self) -> None:
+        """The live database's large tables, loaded by several COPY sessions each (found before the steps run)."""
+        op, t, req = self.t.op, self.t, self.t.op.req
+        if req.parallel_table_mb and req.load_jobs > 1 and self.dump.format in ("custom", "directory") \
+                and not req.tool_args and t.live_oid is not None and req.strategy == "swap":  # fmt: skip
+            try:
+                self.split = frozenset(large_tables(op.params, t.db, req.parallel_table_mb << 20))
+            except PgOpsError as exc:  # a faster load is not worth failing for: restore as a whole
+                op.res.warnings.append(f'cannot read the table sizes of "{t.db}" ({exc}): no table is split')
 
     def steps(self) -> list[Step]:
         t, fmt = self.t, self.dump.format
-        what = f"stream {self.dump.path} into it" if fmt == "server" else f"restore the {fmt} dump into it"
+        split = ""
+        if self.split:
+            names = ", ".join(sorted(".".join(n) for n in self.split))
+            split = f" ({names}: {self.t.op.req.load_jobs} COPY sessions each when in the dump)"
+        what = f"stream {self.dump.path} into it" if fmt == "server" else f"restore the {fmt} dump into it{split}"
         steps = [Step("stage", f'create "{t.staging}" and {what}', self._load)]
         if self.scripts:
             names = ", ".join(s.name for s in self.scripts)
@@ -180,12 +196,15 @@ class Staging:
 
     def _run_load(self) -> None:
         op, t, req = self.t.op, self.t, self.t.op.req
-        opts = LoadOptions(bindir=t.bindir, jobs=req.load_jobs, tool_args=req.tool_args)
+        opts = LoadOptions(bindir=t.bindir, jobs=req.load_jobs, tool_args=req.tool_args, split=self.split)
         if isinstance(self.dump, ServerSource):
             op.res.stripped_statements = self.dump.load_into(op.params, op.conn, t.staging, opts)
             op.res.log.append(f'streamed {self.dump.path} into "{t.staging}" (pg_dump | psql, no file)')
             return
-        op.res.stripped_statements = restore_into(op.params, op.info, t.staging, self.dump, opts)
+        op.res.stripped_statements = restore_into(op.params, op.info, t.staging, self.dump, opts, op.progress)
+        if opts.split_loaded:
+            op.res.log.append(f"loaded {', '.join(opts.split_loaded)} by {req.load_jobs} COPY sessions each (at least "
+                              f"{req.parallel_table_mb} MB in \"{t.db}\"), the rest by pg_restore --jobs")  # fmt: skip
         self.dump.unchanged(op.res.sha256)
         op.res.log.append(f'restored the {self.dump.format} dump into "{t.staging}"')
 
@@ -198,6 +217,8 @@ class Staging:
         verify(op.params, t.staging, req.verify_query, owner, req.analyze)
         marker = {"sha256": op.res.sha256, "format": self.dump.format, "size": self.dump.size,
                   "src": source_name(self.dump), "writes": settled_writes(op, t.staging_oid, t.staging)}  # fmt: skip
+        if not isinstance(self.dump, ServerSource):
+            marker["identity"] = self.dump.identity_key
         if self.scripts:
             marker["sanitize"] = scripts_digest(self.scripts)
         op.registry.write_marker(t.staging_oid, t.staging, marker)  # type: ignore[arg-type]
@@ -404,12 +425,13 @@ class DumpRestore:
         op.closers.append(dump.close)
         res = op.res
         with op.phase("inspect"):
-            res.format, res.sha256 = dump.format, dump.fingerprint()
+            res.format = dump.format
             res.marker_before = op.registry.marker(t.live_oid)
+            res.sha256 = dump_sha256(op, dump, res.marker_before)
             _sizes(op, t)
         scripts, script_problems = load_scripts(op.req.sanitize)
         new_marker = {"sha256": res.sha256, "format": dump.format, "size": dump.size,
-                      "src": os.path.basename(dump.path.rstrip("/"))}  # fmt: skip
+                      "src": os.path.basename(dump.path.rstrip("/")), "identity": dump.identity_key}  # fmt: skip
         if scripts:
             new_marker["sanitize"] = scripts_digest(scripts)
         res.diff = {"before": {"marker": res.marker_before}, "after": {"marker": new_marker}}
@@ -418,6 +440,7 @@ class DumpRestore:
         if same and res.marker_before.get("sanitize", "") == new_marker.get("sanitize", "") and not op.req.force:
             res.diff["after"]["marker"] = res.marker_before
             res.log.append(_already_holds(op, t))
+            remember_identity(op, t.live_oid, dump, res.marker_before)
             return leftover
         with op.phase("preflight"):
             t.bindir, note = choose_bindir(op.req.bindir, dump)
@@ -430,7 +453,9 @@ class DumpRestore:
             checks.raise_if_any()
             full = op.check_mode or self.name == "replace"
             res.stripped_statements = check_readable(dump, t.bindir, full=full)
-        return leftover + self.after_leftover(t, Staging(t, dump, scripts))
+            staging = Staging(t, dump, scripts)
+            staging.plan_split()
+        return leftover + self.after_leftover(t, staging)
 
     def from_server(self, op: Operation, t: Target) -> list[Step]:
         """A source database streamed in: no file, no hash; every run restores (the source moves on)."""
@@ -457,9 +482,33 @@ class DumpRestore:
         raise NotImplementedError
 
 
+def dump_sha256(op: Operation, dump: DumpSource, *markers: dict[str, Any] | None) -> str:
+    """The dump's sha256: a record's, when the file's identity is the one recorded with it; else read and hashed.
+
+    verify_checksum=full always reads and hashes the whole dump. An older record without identity
+    is compared by hash.
+    """
+    if op.req.verify_checksum == "identity":
+        for marker in markers:
+            if marker and marker.get("identity") == dump.identity_key:
+                op.res.checksum_by = "identity"
+                return str(marker["sha256"])
+    op.res.checksum_by = "full"
+    return dump.fingerprint()
+
+
+def remember_identity(op: Operation, oid: int | None, dump: DumpSource, marker: dict[str, Any] | None) -> None:
+    """The hash found the same dump under a new identity (copied, touched): record it; the next run reads nothing."""
+    if oid is not None and marker and marker.get("identity") != dump.identity_key and not op.check_mode:
+        op.registry.set_identity(oid, dump.identity_key)
+        marker["identity"] = dump.identity_key
+
+
 def _already_holds(op: Operation, t: Target) -> str:
     marker = op.res.marker_before or {}
-    line = f'"{t.db}" already holds this dump (sha256 {op.res.sha256[:12]}…, restored {marker.get("restored_at")})'
+    how = "same file, not read again" if op.res.checksum_by == "identity" else "same sha256"
+    line = (f'"{t.db}" already holds this dump ({how}: sha256 {op.res.sha256[:12]}…, restored '
+            f'{marker.get("restored_at")})')  # fmt: skip
     writes = _writes(op, t.live_oid)
     if marker.get("writes") is not None and writes is not None and writes > marker["writes"]:
         line += f"; it was written since ({writes - marker['writes']} row changes): force=true restores it again"
@@ -693,15 +742,15 @@ class SwitchStaged:
     def steps(self, op: Operation) -> list[Step]:
         t, res = Target(op), op.res
         res.marker_before = op.registry.marker(t.live_oid)
+        staged = op.registry.marker(t.staging_oid)
         if op.req.src:
             with DumpSource(op.req.src) as dump:
-                res.sha256 = dump.fingerprint()
+                res.sha256 = dump_sha256(op, dump, staged, res.marker_before)
         if t.staging_oid is None:
             if op.req.src and res.marker_before and res.marker_before["sha256"] == res.sha256:
                 res.log.append(f'"{t.db}" already holds this dump: nothing to switch')
                 return []
             raise PgOpsError(f'nothing is staged for "{t.db}" ("{t.staging}" does not exist): run phase=stage first')
-        staged = op.registry.marker(t.staging_oid)
         if staged is None or (op.req.src and staged["sha256"] != res.sha256):
             raise PgOpsError(f'"{t.staging}" does not hold a verified copy of {op.req.src or "a dump"}: '
                              "run phase=stage again")  # fmt: skip
