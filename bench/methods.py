@@ -94,15 +94,31 @@ def drop_reliably(pg: PgServer, db: str) -> None:
 # --- scenario 2/3/4: restoring a database ------------------------------------------------------
 
 
-def _request(db: str, dump: Path, strategy: str, force: bool) -> RestoreRequest:
+def _request(db: str, dump: Path, strategy: str, force: bool, **extra: object) -> RestoreRequest:
     # the same work as the raw tools: as many jobs, no ANALYZE
     return RestoreRequest(db=db, src=str(dump), strategy=strategy, force=force, bindir=str(client_bindir()),
-                          jobs=JOBS, analyze=False)  # fmt: skip
+                          jobs=JOBS, analyze=False, **extra)  # type: ignore[arg-type]  # fmt: skip
 
 
-def restore_swap(pg: PgServer, db: str, dump: Path, force: bool = True) -> dict:
+def restore_swap(pg: PgServer, db: str, dump: Path, force: bool = True, **extra: object) -> dict:
     """pg_restore_db strategy=swap; force=True restores again even when the database holds this dump."""
-    return restore_database(pg.params(), _request(db, dump, "swap", force)).as_dict()
+    return restore_database(pg.params(), _request(db, dump, "swap", force, **extra)).as_dict()
+
+
+def restore_swap_progress(pg: PgServer, db: str, dump: Path) -> dict:
+    """swap recording its progress file every second (pg_restore --verbose, the server's progress views)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        return restore_swap(pg, db, dump, True, progress_dir=tmp)
+
+
+def rerun_identity(pg: PgServer, db: str, dump: Path) -> dict:
+    """A rerun that finds the same dump by the file's identity (reads none of it)."""
+    return restore_swap(pg, db, dump, False)
+
+
+def rerun_full_hash(pg: PgServer, db: str, dump: Path) -> dict:
+    """A rerun that reads and hashes the whole dump (verify_checksum=full, what every rerun did before)."""
+    return restore_swap(pg, db, dump, False, verify_checksum="full")
 
 
 def restore_replace(pg: PgServer, db: str, dump: Path) -> dict:

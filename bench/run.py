@@ -32,7 +32,10 @@ from methods import (  # noqa: E402
     Failed,
     drop_reliably,
     pg_restore,
+    rerun_full_hash,
+    rerun_identity,
     restore_swap,
+    restore_swap_progress,
     restore_via_ansible,
 )
 from psycopg import sql  # noqa: E402
@@ -56,10 +59,14 @@ class Plan:
     wall_trials: int = 3
     rerun_trials: int = 3
     probes: int = 4
+    progress_pairs: int = 5  # interleaved (swap, swap with progress) pairs per size
+    big_dump_mb: int = 1100  # the dump of the rerun-at-any-size bench (incompressible rows, uncompressed dump)
+    big_trials: int = 5
 
 
 FULL = Plan(scales=(1, 10, 50))
-QUICK = Plan(scales=(1,), drop_trials=2, outage_trials=1, wall_trials=1, rerun_trials=1)
+QUICK = Plan(scales=(1,), drop_trials=2, outage_trials=1, wall_trials=1, rerun_trials=1, progress_pairs=1,
+             big_dump_mb=24, big_trials=2)  # fmt: skip
 
 
 def log(msg: str) -> None:
@@ -180,6 +187,15 @@ def bench_size(pg: PgServer, plan: Plan, scale: int, work: Path) -> dict:
     size["walls"] = walls
     log(f"s={scale}: wall times done")
 
+    pairs = []
+    for trial in range(plan.progress_pairs):  # interleaved, so drift of the machine hits both alike
+        ensure_loaded(pg, db, dump)
+        pairs.append({"method": "swap", "trial": trial, **timed(restore_swap, pg, db, dump)})
+        ensure_loaded(pg, db, dump)
+        pairs.append({"method": "swap + progress", "trial": trial, **timed(restore_swap_progress, pg, db, dump)})
+    size["progress"] = pairs
+    log(f"s={scale}: progress overhead done")
+
     # the last swap left the dump's marker in db: from here on a run without force has nothing to do
     size["reruns"] = [timed(restore_swap, pg, db, dump, False) for _trial in range(plan.rerun_trials)]
     size["ansible_rerun"] = timed(restore_via_ansible, pg, db, dump)
@@ -196,6 +212,31 @@ def bench_size(pg: PgServer, plan: Plan, scale: int, work: Path) -> dict:
     for (name,) in pg.sql("SELECT datname FROM pg_database WHERE datname LIKE %s", (f"{db}%",)):
         drop_reliably(pg, name)  # frees the disk for the next size (previous copies included)
     return size
+
+
+def bench_big_rerun(pg: PgServer, plan: Plan, work: Path) -> dict:
+    """A no-op rerun of a large dump: by the file's identity (reads nothing) against a full hash, and through
+    ansible-playbook; the dump is uncompressed incompressible rows of about plan.big_dump_mb MB."""
+    db = "bench_big"
+    env = pg.client_env()
+    rows = plan.big_dump_mb * 1000  # ~1 kB a row
+    log(f"building a {plan.big_dump_mb} MB dump in {db}")
+    pg.sql(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(db)))
+    pg.sql("CREATE TABLE blob (id int PRIMARY KEY, payload text)", dbname=db)
+    pg.sql("INSERT INTO blob SELECT g, (SELECT string_agg(md5(g::text || ':' || k), '') FROM generate_series(1, 32) k) "
+           "FROM generate_series(1, %s) g", (rows,), dbname=db)  # fmt: skip
+    dump = work / f"{db}.pgc"
+    subprocess.run([str(client_bindir() / "pg_dump"), "-Fc", "-Z0", "-f", str(dump), db], env=env, check=True)
+    out: dict = {"dump_mb": round(dump.stat().st_size / 2**20, 1)}
+    out["first"] = timed(restore_swap, pg, db, dump)  # records the dump with its identity
+    out["identity"] = [timed(rerun_identity, pg, db, dump) for _ in range(plan.big_trials)]
+    out["full_hash"] = [timed(rerun_full_hash, pg, db, dump) for _ in range(plan.big_trials)]
+    out["ansible"] = [timed(restore_via_ansible, pg, db, dump) for _ in range(max(1, plan.big_trials // 2))]
+    log(f"big dump ({out['dump_mb']} MB): reruns done")
+    for (name,) in pg.sql("SELECT datname FROM pg_database WHERE datname LIKE %s", (f"{db}%",)):
+        drop_reliably(pg, name)
+    dump.unlink()
+    return out
 
 
 def main() -> None:
@@ -231,6 +272,7 @@ def main() -> None:
         res: dict = {"meta": {}, "plan": asdict(plan)}
         res["drops"] = bench_drops(pg, plan)
         res["sizes"] = [bench_size(pg, plan, scale, work) for scale in plan.scales]
+        res["big_rerun"] = bench_big_rerun(pg, plan, work)
         version = pg.sql("SHOW server_version")[0][0]
     finally:
         pg.destroy()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -73,15 +74,26 @@ class DumpSource:
         """File names of a directory dump, in name order (empty for a file)."""
         return sorted(os.listdir(self.fd)) if self.is_dir else []
 
-    def _identity(self) -> list[tuple[str, int, int, int, int]]:
-        """(name, inode, size, mtime, ctime) of the file, or of each file of a directory dump."""
+    def _identity(self) -> list[tuple[str, int, int, int, int, int]]:
+        """(name, inode, size, mtime, ctime, device) of the file, or of each file of a directory dump."""
 
-        def ident(st: os.stat_result, name: str) -> tuple[str, int, int, int, int]:
-            return (name, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        def ident(st: os.stat_result, name: str) -> tuple[str, int, int, int, int, int]:
+            return (name, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_dev)
 
         if not self.is_dir:
             return [ident(os.fstat(self.fd), "")]
         return [ident(os.stat(n, dir_fd=self.fd, follow_symlinks=False), n) for n in self.members()]
+
+    @property
+    def identity_key(self) -> str:
+        """The file's identity as recorded with a restore: device, inode, size, mtime and ctime (ns), per file.
+
+        Equal keys mean the very same file, untouched since: writing it changes mtime and ctime, and
+        nobody can set a ctime back (an in-place rewrite with the mtime put back is still noticed).
+        Computed from the stat taken when the dump was opened, before anything read it.
+        """
+        files = [[dev, ino, size, mtime, ctime, name] for name, ino, size, mtime, ctime, dev in self.identity]
+        return json.dumps(files, separators=(",", ":"))
 
     def unchanged(self, sha256: str) -> None:
         """Fail if what was loaded may differ from what was hashed.
@@ -286,6 +298,8 @@ class PlainFilter:
     # psql's \restrict key: sent first, so psql refuses every meta-command the dump may hold (\! runs a shell)
     restrict_key: str = ""
     dropped: list[str] = field(default_factory=list)
+    # called with each line going to psql and whether it is COPY data (progress counts tables and indexes)
+    watch: Any = None
     in_comment: bool = False  # inside a /* ... */ block, where "Drop database" is prose
     shifted: bool = False  # our \restrict line came before the dump's first: psql's line N is the dump's N-1
 
@@ -307,6 +321,8 @@ class PlainFilter:
             pending += chunk
             *complete, pending = pending.split(b"\n")
             for raw in complete:
+                if self.watch is not None:
+                    self.watch(raw, in_copy)
                 in_copy, keep = self._step(raw, in_copy)
                 line = raw + b"\n" if keep else b"\n"  # a left-out line stays a line: psql counts as the dump does
                 if restrict:  # our key takes the place of a first comment line (pg_dump's "--"), else goes before

@@ -7,10 +7,11 @@ from __future__ import annotations
 import itertools
 import os
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ansible_collections.pgops.dbrestore.plugins.module_utils.dumpfile import DumpSource, PlainFilter
+from ansible_collections.pgops.dbrestore.plugins.module_utils.dumpfile import DumpSource, PlainFilter, _FdReader
 from ansible_collections.pgops.dbrestore.plugins.module_utils.postgres import (
     ConnParams,
     PgOpsError,
@@ -21,6 +22,13 @@ from ansible_collections.pgops.dbrestore.plugins.module_utils.postgres import (
     one_line,
     psycopg,
     sql,
+)
+from ansible_collections.pgops.dbrestore.plugins.module_utils.progress import (
+    Progress,
+    is_info,
+    list_totals,
+    read_bytes,
+    server_views,
 )
 from ansible_collections.pgops.dbrestore.plugins.module_utils.tools import (
     ToolOutput,
@@ -78,40 +86,106 @@ def _psql(bindir: str | None, dbname: str, tool_args: tuple[str, ...]) -> list[s
             "-d", conninfo_for(dbname), *tool_args, "-f", "-"]  # fmt: skip
 
 
-def restore_into(params: ConnParams, info: ServerInfo, dbname: str, dump: DumpSource, opts: LoadOptions) -> list[str]:
+def restore_into(
+    params: ConnParams,
+    info: ServerInfo,
+    dbname: str,
+    dump: DumpSource,
+    opts: LoadOptions,
+    progress: Progress | None = None,
+) -> list[str]:
     """Load the dump into dbname with pg_restore --exit-on-error or psql ON_ERROR_STOP (one transaction).
 
     Returns the statements of a plain dump that were left out. pg_restore 17+ sends SET
     transaction_timeout, which servers before 17 reject: against those, the archive is turned
-    into SQL (pg_restore -f -) and fed to psql without that line.
+    into SQL (pg_restore -f -) and fed to psql without that line. With progress, what is done
+    is counted as it happens (see progress.py).
     """
     env = params.tool_env()
     old_server = info.version_num < 170000
     flt = PlainFilter(unknown_settings=("transaction_timeout",) if old_server else (),
                       restrict_key=secrets.token_hex(16))  # fmt: skip
     fds = (dump.fd,)
-    if dump.is_archive:
-        pg_restore = find_tool("pg_restore", opts.bindir)
-        if not (old_server and tool_version(pg_restore)[0] >= 17):
-            argv = [pg_restore, "--exit-on-error", "--no-password", "-d", conninfo_for(dbname)]
-            if dump.format != "tar" and opts.jobs > 1:  # tar archives cannot be restored in parallel
-                argv.append(f"--jobs={opts.jobs}")
-            run_tool([*argv, *opts.tool_args, dump.child_path], env, pass_fds=fds)
-            return []
-        psql = _psql(opts.bindir, dbname, ())
-        with ToolOutput([pg_restore, "-f", "-", *opts.tool_args, dump.child_path], env, pass_fds=fds) as sql_out:
-            run_tool(psql, env, feed=flt.lines(sql_out))
+    views = _ViewSampler(params, info, dbname) if progress is not None and info.version_num >= 120000 else None
+    if progress is not None:
+        progress.sampler = views
+    try:
+        if dump.is_archive:
+            pg_restore = find_tool("pg_restore", opts.bindir)
+            if progress is not None:
+                tables, indexes = list_totals([pg_restore, "-l", dump.child_path], env, fds)
+                progress.totals(tables, indexes, dump.size)
+            if not (old_server and tool_version(pg_restore)[0] >= 17):
+                argv = [pg_restore, "--exit-on-error", "--no-password", "-d", conninfo_for(dbname)]
+                if dump.format != "tar" and opts.jobs > 1:  # tar archives cannot be restored in parallel
+                    argv.append(f"--jobs={opts.jobs}")
+                if progress is None:
+                    run_tool([*argv, *opts.tool_args, dump.child_path], env, pass_fds=fds)
+                    return []
+                progress.parallel = any(a.startswith("--jobs=") for a in argv)
+                run_tool([*argv, "--verbose", *opts.tool_args, dump.child_path], {**env, "LC_MESSAGES": "C"},
+                         pass_fds=fds, on_start=lambda pid: progress.reader_pids.append(pid),
+                         on_line=progress.tool_line, is_info=is_info)  # fmt: skip
+                progress.loaded()
+                return []
+            psql = _psql(opts.bindir, dbname, ())
+            with ToolOutput([pg_restore, "-f", "-", *opts.tool_args, dump.child_path], env, pass_fds=fds) as sql_out:
+                if progress is not None:
+                    progress.reader_pids.append(sql_out.proc.pid)
+                    flt.watch = progress.plain_chunk
+                run_tool(psql, env, feed=flt.lines(sql_out))
+            if progress is not None:
+                progress.loaded()
+            return flt.dropped
+        psql = _psql(opts.bindir, dbname, opts.tool_args)
+        with dump.plain_stream() as stream:
+            if progress is not None:
+                progress.totals(None, None, dump.size)
+                progress.plain_read = _position(stream)
+                flt.watch = progress.plain_chunk
+            try:
+                run_tool(psql, env, feed=flt.lines(stream))
+            except PgOpsError as exc:
+                if not flt.shifted:
+                    raise
+                raise PgOpsError(f"{exc} (psql's line N is line N-1 of the dump: our \\restrict line comes first)",
+                                 sqlstate=exc.sqlstate) from exc  # fmt: skip
+        if progress is not None:
+            progress.loaded()
         return flt.dropped
-    psql = _psql(opts.bindir, dbname, opts.tool_args)
-    with dump.plain_stream() as stream:
-        try:
-            run_tool(psql, env, feed=flt.lines(stream))
-        except PgOpsError as exc:
-            if not flt.shifted:
-                raise
-            raise PgOpsError(f"{exc} (psql's line N is line N-1 of the dump: our \\restrict line comes first)",
-                             sqlstate=exc.sqlstate) from exc  # fmt: skip
-    return flt.dropped
+    finally:
+        if views is not None:
+            views.close()
+
+
+def _position(stream: Any) -> Callable[[], int] | None:
+    """How many bytes of the dump file a plain stream has read so far."""
+    if isinstance(stream, _FdReader):
+        return lambda: stream.offset
+    inner = getattr(stream, "fileobj", None)  # gzip.GzipFile
+    if isinstance(inner, _FdReader):
+        return lambda: inner.offset
+    proc = getattr(stream, "proc", None)  # a decompressor reading the file
+    if proc is not None:
+        return lambda: read_bytes([proc.pid])
+    return None
+
+
+class _ViewSampler:
+    """The server's progress views for one database, on a connection of its own (the progress thread's)."""
+
+    def __init__(self, params: ConnParams, info: ServerInfo, dbname: str) -> None:
+        self.params, self.info, self.dbname = params, info, dbname
+        self.conn: Any = None
+
+    def __call__(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        if self.conn is None or self.conn.closed:
+            self.conn = connect(self.params.with_db(self.dbname))  # names of its tables resolve there
+        return server_views(self.conn, self.info.version_num, self.dbname)
+
+    def close(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
 
 
 def verify(params: ConnParams, dbname: str, verify_query: str | None, owner: str, analyze: bool) -> None:

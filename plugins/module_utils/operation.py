@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ansible_collections.pgops.dbrestore.plugins.module_utils.postgres import ConnParams, connect, server_info
+from ansible_collections.pgops.dbrestore.plugins.module_utils.progress import Progress, progress_path
 from ansible_collections.pgops.dbrestore.plugins.module_utils.registry import Registry, acquire_lock
 
 # Test-only: "<point>:<file>" makes the process write its pid to <file> and stop itself (SIGSTOP)
@@ -82,10 +83,16 @@ class Operation:
         self.registry = Registry(self.conn)
         self.res.warnings += self.registry.warnings
         self.closers: list[Callable[[], None]] = []  # open files and the like, closed by finish()
+        progress_dir = getattr(req, "progress_dir", None)
+        path = progress_path(progress_dir, req.db) if progress_dir and not check_mode else None
+        self.progress = Progress(path, req.db)
+        self.progress.write()
+        self.finished = False
 
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:
         t = time.monotonic()
+        self.progress.phase(name)
         try:
             yield
         finally:
@@ -109,12 +116,17 @@ class Operation:
                 self.res.changed = self.res.has_effects()
             self.res.steps_done.append(step.text)
 
-    def finish(self) -> None:
+    def finish(self, error: str | None = None) -> None:
+        """Close what the run opened and release the lock; the progress file gets the outcome (once)."""
         self.res.phases_ms["total"] = int((time.monotonic() - self.started) * 1000)
         for close in self.closers:
             close()
         self.closers = []
         self.conn.close()  # releases the advisory lock
+        if not self.finished:
+            self.finished = True
+            self.progress.finish(error is not None, {**self.res.as_dict(), "msg": error})
+            self.res.warnings += self.progress.warnings
 
 
 def pause_point(point: str) -> None:

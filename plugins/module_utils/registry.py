@@ -30,11 +30,13 @@ LOCK_CLASS = 0x70676F70
 _TABLES = {
     "restored": "datoid oid PRIMARY KEY, datname text NOT NULL, sha256 text NOT NULL, format text NOT NULL, "
     "size bigint NOT NULL, src text NOT NULL, writes bigint, restored_at timestamptz NOT NULL DEFAULT now(), "
-    "restored_by name NOT NULL DEFAULT current_user",
+    "restored_by name NOT NULL DEFAULT current_user, identity text",
     "copies": "datoid oid PRIMARY KEY, datname text NOT NULL, of_db text NOT NULL, kind text NOT NULL, "
     "block_state text NOT NULL, made_at timestamptz NOT NULL DEFAULT now()",
     "blocks": "datoid oid PRIMARY KEY, datname text NOT NULL, block_state text NOT NULL",
 }
+# columns added after the first release, by ensure() to the tables an older version made: (table, column, type)
+_ADDED = (("restored", "identity", "text"),)
 
 
 @dataclass(frozen=True)
@@ -89,6 +91,16 @@ class Registry:
                 f'the login role may not use the records in schema "{SCHEMA}", which a superuser made: let it run '
                 f"ALTER SCHEMA {SCHEMA} OWNER TO <login role> and the same for its tables, or log in as a superuser"
             )
+        self.columns = {
+            (t, c)
+            for t, c in self.conn.execute(
+                "SELECT c.relname, a.attname FROM pg_catalog.pg_attribute a "
+                "JOIN pg_catalog.pg_class c ON c.oid = a.attrelid "
+                "JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace "
+                "WHERE n.nspname = %s AND a.attnum > 0 AND NOT a.attisdropped",
+                (SCHEMA,),
+            ).fetchall()
+        }
         return bool(owners), not untrusted
 
     def _usable(self) -> bool:
@@ -103,6 +115,13 @@ class Registry:
         for name, columns in _TABLES.items():
             execute(self.conn, sql.SQL("CREATE TABLE IF NOT EXISTS {} (" + columns + ")").format(_table(name)),
                     "cannot create records")  # fmt: skip
+        if not self.columns:  # just made: every column is there
+            self.columns = {(t, c) for t, c, _type in _ADDED}
+        for table, column, kind in _ADDED:
+            if (table, column) not in self.columns:  # a table of an older version: add the column, keep the rows
+                execute(self.conn, sql.SQL("ALTER TABLE {} ADD COLUMN {} " + kind).format(_table(table), ident(column)),
+                        f"cannot add column {column} to our records (ALTER TABLE {SCHEMA}.{table})")  # fmt: skip
+                self.columns.add((table, column))
         self.exists = True
 
     # --- restore markers -------------------------------------------------------------------
@@ -111,16 +130,17 @@ class Registry:
         """The dump the database with this OID was restored from by us, or None."""
         if oid is None or not self._usable():
             return None
+        identity = sql.SQL("m.identity" if ("restored", "identity") in self.columns else "NULL::text")
         row = self.conn.execute(
             sql.SQL(
                 "SELECT m.sha256, m.format, m.size, m.src, pg_catalog.to_char(m.restored_at AT TIME ZONE 'UTC', "
-                '\'YYYY-MM-DD"T"HH24:MI:SS"Z"\'), m.writes FROM {} m WHERE m.datoid = %s'
-            ).format(_table("restored")),
+                '\'YYYY-MM-DD"T"HH24:MI:SS"Z"\'), m.writes, {} FROM {} m WHERE m.datoid = %s'
+            ).format(identity, _table("restored")),
             (oid,),
         ).fetchone()
         if row is None:
             return None
-        keys = ("sha256", "format", "size", "src", "restored_at", "writes")
+        keys = ("sha256", "format", "size", "src", "restored_at", "writes", "identity")
         return {k: row[i] for i, k in enumerate(keys)}
 
     def write_marker(self, oid: int, datname: str, marker: dict[str, Any]) -> None:
@@ -128,11 +148,18 @@ class Registry:
         execute(self.conn, sql.SQL("DELETE FROM {} WHERE datoid = %s").format(_table("restored")), "records", (oid,))
         execute(
             self.conn,
-            sql.SQL("INSERT INTO {} (datoid, datname, sha256, format, size, src, writes) "
-                    "VALUES (%s, %s, %s, %s, %s, %s, %s)").format(_table("restored")),
+            sql.SQL("INSERT INTO {} (datoid, datname, sha256, format, size, src, writes, identity) "
+                    "VALUES (%s, %s, %s, %s, %s, %s, %s, %s)").format(_table("restored")),
             "cannot record the restore",
-            (oid, datname, marker["sha256"], marker["format"], marker["size"], marker["src"], marker.get("writes")),
+            (oid, datname, marker["sha256"], marker["format"], marker["size"], marker["src"], marker.get("writes"),
+             marker.get("identity")),
         )  # fmt: skip
+
+    def set_identity(self, oid: int, identity: str) -> None:
+        """The dump was found equal by its hash under a new identity (copied, touched): the next run reads nothing."""
+        self.ensure()
+        execute(self.conn, sql.SQL("UPDATE {} SET identity = %s WHERE datoid = %s").format(_table("restored")),
+                "cannot update the record of the restore", (identity, oid))  # fmt: skip
 
     # --- copies we made --------------------------------------------------------------------
 

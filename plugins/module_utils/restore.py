@@ -28,6 +28,8 @@ from ansible_collections.pgops.dbrestore.plugins.module_utils.strategies import 
     record_outcome,
 )
 
+# identity: a dump whose file identity is the recorded one is the recorded dump (not read); full: always hash it
+CHECKSUM_CHOICES = ("identity", "full")
 DEFAULT_JOBS = max(1, (os.cpu_count() or 2) // 2)  # half the host's CPUs: the live server keeps serving
 
 
@@ -55,6 +57,8 @@ class RestoreRequest:
     fallback: str = "none"
     restart: RestartSpec | None = None
     phase: str = "all"
+    verify_checksum: str = "identity"
+    progress_dir: str | None = None  # where the progress file of the run is kept (progress.py); None: nowhere
 
     @classmethod
     def from_params(cls, p: dict[str, Any]) -> RestoreRequest:
@@ -82,6 +86,8 @@ class RestoreRequest:
             fallback=p["fallback"],
             restart=restart_spec_from_params(p),
             phase=p["phase"],
+            verify_checksum=p["verify_checksum"],
+            progress_dir=p["progress_dir"],
         )
 
     def __post_init__(self) -> None:
@@ -93,6 +99,8 @@ class RestoreRequest:
             raise PgOpsError(
                 f"block_new_connections must be one of {list(BLOCK_CHOICES)}, not {self.block_new_connections!r}"
             )
+        if self.verify_checksum not in CHECKSUM_CHOICES:
+            raise PgOpsError(f"verify_checksum must be one of {list(CHECKSUM_CHOICES)}, not {self.verify_checksum!r}")
         if self.fallback not in FALLBACKS:
             raise PgOpsError(f"fallback must be one of {list(FALLBACKS)}, not {self.fallback!r}")
         if self.fallback == "restart" and self.restart is None:
@@ -123,6 +131,7 @@ class RestoreResult:
     phase: str = "all"
     format: str = ""
     sha256: str = ""
+    checksum_by: str = ""  # identity: taken from our record (the dump was not read); full: the dump was hashed
     server_version: str = ""
     marker_before: dict | None = None
     marker_after: dict | None = None
@@ -181,6 +190,10 @@ def restore_database(params: ConnParams, req: RestoreRequest, *, check_mode: boo
         err = sql_error(exc, "PostgreSQL error")
         _attach(err, res, op)
         raise err from exc
+    except BaseException as exc:  # killed, or a bug: the progress file must not say done
+        if op is not None:
+            op.finish(error=f"{type(exc).__name__}: {exc}")
+        raise
     finally:
         if op is not None:
             op.finish()
@@ -189,5 +202,5 @@ def restore_database(params: ConnParams, req: RestoreRequest, *, check_mode: boo
 def _attach(exc: PgOpsError, res: RestoreResult, op: Operation | None) -> None:
     """Put what was done so far on the error: the module reports it, changed=true if anything changed."""
     if op is not None:
-        op.finish()
+        op.finish(error=str(exc))
     exc.details.update(res.as_dict())

@@ -155,7 +155,7 @@ class Staging:
     def _run_load(self) -> None:
         op, t, req = self.t.op, self.t, self.t.op.req
         opts = LoadOptions(bindir=t.bindir, jobs=req.load_jobs, tool_args=req.tool_args)
-        op.res.stripped_statements = restore_into(op.params, op.info, t.staging, self.dump, opts)
+        op.res.stripped_statements = restore_into(op.params, op.info, t.staging, self.dump, opts, op.progress)
         self.dump.unchanged(op.res.sha256)
         op.res.log.append(f'restored the {self.dump.format} dump into "{t.staging}"')
 
@@ -167,7 +167,7 @@ class Staging:
         owner = req.owner or (self.live.owner if self.live else op.info.current_user)
         verify(op.params, t.staging, req.verify_query, owner, req.analyze)
         marker = {"sha256": op.res.sha256, "format": self.dump.format, "size": self.dump.size,
-                  "src": os.path.basename(self.dump.path.rstrip("/")),
+                  "src": os.path.basename(self.dump.path.rstrip("/")), "identity": self.dump.identity_key,
                   "writes": settled_writes(op, t.staging_oid, t.staging)}  # fmt: skip
         op.registry.write_marker(t.staging_oid, t.staging, marker)  # type: ignore[arg-type]
         if self.live is not None:
@@ -307,16 +307,18 @@ class DumpRestore:
         op.closers.append(dump.close)
         res = op.res
         with op.phase("inspect"):
-            res.format, res.sha256 = dump.format, dump.fingerprint()
+            res.format = dump.format
             res.marker_before = op.registry.marker(t.live_oid)
+            res.sha256 = dump_sha256(op, dump, res.marker_before)
             _sizes(op, t)
         new_marker = {"sha256": res.sha256, "format": dump.format, "size": dump.size,
-                      "src": os.path.basename(dump.path.rstrip("/"))}  # fmt: skip
+                      "src": os.path.basename(dump.path.rstrip("/")), "identity": dump.identity_key}  # fmt: skip
         res.diff = {"before": {"marker": res.marker_before}, "after": {"marker": new_marker}}
         leftover = [drop_leftover(t, "left behind by an interrupted run")] if t.staging_oid is not None else []
         if res.marker_before and res.marker_before["sha256"] == res.sha256 and not op.req.force:
             res.diff["after"]["marker"] = res.marker_before
             res.log.append(_already_holds(op, t))
+            remember_identity(op, t.live_oid, dump, res.marker_before)
             return leftover
         with op.phase("preflight"):
             t.bindir, note = choose_bindir(op.req.bindir, dump)
@@ -331,9 +333,33 @@ class DumpRestore:
         raise NotImplementedError
 
 
+def dump_sha256(op: Operation, dump: DumpSource, *markers: dict[str, Any] | None) -> str:
+    """The dump's sha256: a record's, when the file's identity is the one recorded with it; else read and hashed.
+
+    verify_checksum=full always reads and hashes the whole dump. An older record without identity
+    is compared by hash.
+    """
+    if op.req.verify_checksum == "identity":
+        for marker in markers:
+            if marker and marker.get("identity") == dump.identity_key:
+                op.res.checksum_by = "identity"
+                return str(marker["sha256"])
+    op.res.checksum_by = "full"
+    return dump.fingerprint()
+
+
+def remember_identity(op: Operation, oid: int | None, dump: DumpSource, marker: dict[str, Any] | None) -> None:
+    """The hash found the same dump under a new identity (copied, touched): record it; the next run reads nothing."""
+    if oid is not None and marker and marker.get("identity") != dump.identity_key and not op.check_mode:
+        op.registry.set_identity(oid, dump.identity_key)
+        marker["identity"] = dump.identity_key
+
+
 def _already_holds(op: Operation, t: Target) -> str:
     marker = op.res.marker_before or {}
-    line = f'"{t.db}" already holds this dump (sha256 {op.res.sha256[:12]}…, restored {marker.get("restored_at")})'
+    how = "same file, not read again" if op.res.checksum_by == "identity" else "same sha256"
+    line = (f'"{t.db}" already holds this dump ({how}: sha256 {op.res.sha256[:12]}…, restored '
+            f'{marker.get("restored_at")})')  # fmt: skip
     writes = _writes(op, t.live_oid)
     if marker.get("writes") is not None and writes is not None and writes > marker["writes"]:
         line += f"; it was written since ({writes - marker['writes']} row changes): force=true restores it again"
@@ -549,15 +575,15 @@ class SwitchStaged:
     def steps(self, op: Operation) -> list[Step]:
         t, res = Target(op), op.res
         res.marker_before = op.registry.marker(t.live_oid)
+        staged = op.registry.marker(t.staging_oid)
         if op.req.src:
             with DumpSource(op.req.src) as dump:
-                res.sha256 = dump.fingerprint()
+                res.sha256 = dump_sha256(op, dump, staged, res.marker_before)
         if t.staging_oid is None:
             if op.req.src and res.marker_before and res.marker_before["sha256"] == res.sha256:
                 res.log.append(f'"{t.db}" already holds this dump: nothing to switch')
                 return []
             raise PgOpsError(f'nothing is staged for "{t.db}" ("{t.staging}" does not exist): run phase=stage first')
-        staged = op.registry.marker(t.staging_oid)
         if staged is None or (op.req.src and staged["sha256"] != res.sha256):
             raise PgOpsError(f'"{t.staging}" does not hold a verified copy of {op.req.src or "a dump"}: '
                              "run phase=stage again")  # fmt: skip

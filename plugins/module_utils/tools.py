@@ -9,6 +9,8 @@ import re
 import shutil
 import subprocess
 import tempfile
+import threading
+from collections.abc import Callable
 from typing import Any
 
 from ansible_collections.pgops.dbrestore.plugins.module_utils.postgres import PgOpsError, psycopg
@@ -33,17 +35,36 @@ def tail(text: str, lines: int = 3) -> str:
     return " | ".join(useful[-lines:]) or "no error output"
 
 
-def run_tool(argv: list[str], env: dict[str, str], feed: Any = None, pass_fds: tuple[int, ...] = ()) -> None:
-    """Run a client tool as an argv list; feed (an iterator of bytes) goes to its stdin."""
+def run_tool(
+    argv: list[str],
+    env: dict[str, str],
+    feed: Any = None,
+    pass_fds: tuple[int, ...] = (),
+    *,
+    on_start: Callable[[int], None] | None = None,
+    on_line: Callable[[str], None] | None = None,
+    is_info: Callable[[str], bool] | None = None,
+) -> None:
+    """Run a client tool as an argv list; feed (an iterator of bytes) goes to its stdin.
+
+    on_start gets the tool's pid; on_line each line of its stderr as it comes (its verbose
+    output), of which the lines is_info says only tell what it does stay out of an error message.
+    """
     with tempfile.TemporaryFile() as err:
         proc = subprocess.Popen(
             dies_with_us(argv),
             stdin=subprocess.PIPE if feed is not None else subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
-            stderr=err,
+            stderr=subprocess.PIPE if on_line is not None else err,
             env=env,
             pass_fds=pass_fds,
         )
+        if on_start is not None:
+            on_start(proc.pid)
+        reader = None
+        if on_line is not None:
+            reader = threading.Thread(target=_read_lines, args=(proc.stderr, err, on_line, is_info), daemon=True)
+            reader.start()
         feed_error: PgOpsError | None = None
         if feed is not None:
             try:
@@ -60,12 +81,26 @@ def run_tool(argv: list[str], env: dict[str, str], feed: Any = None, pass_fds: t
                 except BrokenPipeError:
                     pass
         code = proc.wait()
+        if reader is not None:
+            reader.join()
         err.seek(0)
         message = err.read().decode(errors="replace")
     if feed_error is not None:  # the real cause: the tool was stopped because its input failed
         raise feed_error
     if code != 0:
         raise PgOpsError(f"{os.path.basename(argv[0])} exited with {code}: {tail(message)}")
+
+
+def _read_lines(stream: Any, keep: Any, on_line: Callable[[str], None], is_info: Callable[[str], bool] | None) -> None:
+    for raw in iter(stream.readline, b""):
+        line = raw.decode(errors="replace")
+        try:
+            on_line(line)
+        except Exception:  # noqa: BLE001 - watching the output never stops the tool; its errors still count
+            pass
+        if is_info is None or not is_info(line):
+            keep.write(raw)
+    stream.close()
 
 
 class ToolOutput:

@@ -25,7 +25,8 @@ description:
   - Each restore is recorded (the sha256 of the dump, keyed by the database's OID) in the schema C(pgops_dbrestore)
     of the maintenance database O(login_db), owned by the login role and closed to every other role; nothing is
     written into the restored database. The same dump again does nothing (C(changed=false)) unless O(force=true);
-    the log then says when it was restored and whether the application wrote to it since.
+    the log then says when it was restored and whether the application wrote to it since. Whether it is the
+    same dump is found from the file's identity without reading it (see O(verify_checksum)).
   - Every connection into the target or staging database pins C(search_path) to C(pg_catalog, pg_temp), and
     O(verify_query) runs with the rights of the database's owner, so functions the application's role planted never
     run with the login role's privileges. Plain dumps are loaded by C(psql) in C(\restrict) mode, so a psql
@@ -99,6 +100,30 @@ options:
         application wrote since).
     type: bool
     default: false
+  verify_checksum:
+    description:
+      - How a rerun finds that O(db) already holds O(src) (the C(same dump) check, which makes it a no-op).
+      - V(identity) compares the file's identity (device, inode, size, modification and change time, of each file of
+        a directory dump) with the one recorded with the restore, and takes the recorded sha256 when they match,
+        without reading the dump, so a rerun costs the same at any dump size. When they do not match (the file
+        was replaced, copied or touched), or the record is from a version that kept no identity, the whole dump
+        is read and hashed as with V(full). Writing a file changes its change time, which nobody can set back.
+      - V(full) always reads and hashes the whole dump.
+    type: str
+    choices: [ identity, full ]
+    default: identity
+  progress_dir:
+    description:
+      - "Directory of the progress file of the run, C(<progress_dir>/<db>.json) (the database name %-quoted), created
+        if missing. It is replaced atomically every second and at each phase, so another task or a status page
+        can read it while the restore runs; M(pgops.dbrestore.pg_restore_wait) prints it as a line such as
+        C(hoge_db: staging 43 % — 12/40 tables, 1.2 of 2.8 GB, 4/16 indexes, 00:01:52)."
+      - It holds the phase, tables, dump bytes and indexes done of their totals (from the dump's table of contents
+        and what C(pg_restore --verbose) reports finished), the running COPYs (C(pg_stat_progress_copy), 14+) and
+        index builds (C(pg_stat_progress_create_index), 12+) of the staging copy, the elapsed time, and at the end
+        the outcome. No secrets; mode 0644. A file that cannot be written gives a warning, never a failure.
+      - Unset, no progress is recorded (and C(pg_restore) runs without C(--verbose)).
+    type: path
   owner:
     description:
       - Owner of the restored database. Default is the owner of the live database (or the login role for a new one).
@@ -233,6 +258,12 @@ sha256:
   returned: unless rollback
   type: str
   sample: 9f2c0e5d4b0b6c5e8a3d1f7e2a9b4c6d8e0f1a2b3c4d5e6f7a8b9c0d1e2f3a4b
+checksum_by:
+  description: How RV(sha256) was found. V(identity) - taken from our record, as the file's identity matched it (the
+    dump was not read). V(full) - the dump was read and hashed.
+  returned: unless rollback
+  type: str
+  sample: identity
 server_version:
   description: Version of the server.
   returned: always
@@ -244,13 +275,13 @@ marker_before:
   returned: always
   type: dict
   sample: {sha256: 9f2c..., format: custom, size: 1048576, src: hoge_db.dump, restored_at: "2026-11-24T03:00:12Z",
-           writes: 15607}
+           writes: 15607, identity: "[[2049,1835122,1048576,1764039612000000000,1764039612000000000,\"\"]]"}
 marker_after:
   description: Our record of the database after the run.
   returned: success
   type: dict
   sample: {sha256: 4be1..., format: custom, size: 1050112, src: hoge_db.dump, restored_at: "2026-11-25T03:00:09Z",
-           writes: 15607}
+           writes: 15607, identity: "[[2049,1835133,1050112,1764126009000000000,1764126009000000000,\"\"]]"}
 staging_db:
   description: Name of the staging database used.
   returned: unless rollback
@@ -379,7 +410,11 @@ from ansible_collections.pgops.dbrestore.plugins.module_utils.postgres import (
     report,
 )
 from ansible_collections.pgops.dbrestore.plugins.module_utils.restart import restart_argument_spec
-from ansible_collections.pgops.dbrestore.plugins.module_utils.restore import RestoreRequest, restore_database
+from ansible_collections.pgops.dbrestore.plugins.module_utils.restore import (
+    CHECKSUM_CHOICES,
+    RestoreRequest,
+    restore_database,
+)
 from ansible_collections.pgops.dbrestore.plugins.module_utils.strategies import PHASES, STRATEGIES
 
 
@@ -394,6 +429,8 @@ def main() -> None:
         phase=dict(type="str", default="all", choices=list(PHASES)),
         keep_previous=dict(type="int", default=1),
         force=dict(type="bool", default=False),
+        verify_checksum=dict(type="str", default="identity", choices=list(CHECKSUM_CHOICES)),
+        progress_dir=dict(type="path"),
         owner=dict(type="str"),
         template=dict(type="str", default="template0"),
         encoding=dict(type="str"),

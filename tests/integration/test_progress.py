@@ -1,0 +1,99 @@
+"""Progress a person can watch: the role runs the restore in the background and prints its line at a steady
+interval, read here from a real ansible-playbook run while the restore is held in the middle of its load."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from psycopg import sql
+
+from tests.conftest import drop_database
+from tests.harness.ansible_run import ansible_env
+from tests.harness.dumps import make_dump
+from tests.harness.pg import PgServer, client_bindir
+from tests.integration.conftest import fingerprint_db
+from tests.integration.test_playbooks import BIN, hoge_db, login_vars, write_inventory
+
+pytestmark = pytest.mark.newest_major
+__all__ = ["hoge_db"]  # the fixture
+
+GATE_ROLE = "pgops_test_gate_open"
+# Loading a row of table gate waits until the role GATE_ROLE exists (roles are cluster-wide, so the test opens
+# the gate from any database): the restore stops in the middle of its load for as long as the test needs.
+GATE_SQL = f"""
+CREATE FUNCTION public.gate(x integer) RETURNS boolean LANGUAGE plpgsql AS $$
+BEGIN
+  WHILE NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = '{GATE_ROLE}') LOOP
+    PERFORM pg_catalog.pg_sleep(0.05);
+  END LOOP;
+  RETURN true;
+END $$;
+CREATE TABLE public.gate (x integer CHECK (public.gate(x)));
+INSERT INTO public.gate VALUES (1);
+"""
+LINE = re.compile(
+    r"^hoge_db: (?P<phase>[a-z ]+?)(?: (?P<pct>\d+) %)? — (?P<tables>\d+)/12 tables, (?:[\d.]+ (?:[kMG]?B )?of "
+    r"[\d.]+ [kMG]?B, )?(?P<idx>\d+)/22 indexes, (?P<h>\d\d):(?P<m>\d\d):(?P<s>\d\d)$"
+)
+
+
+@pytest.fixture
+def gated_dump(pg: PgServer, dumps, tmp_path: Path):
+    pg.sql(sql.SQL("CREATE ROLE {}").format(sql.Identifier(GATE_ROLE)))
+    pg.sql("CREATE DATABASE gate_source TEMPLATE chinook_source")
+    pg.sql(GATE_SQL, dbname="gate_source")
+    dump = make_dump(pg, "gate_source", "custom", tmp_path / "hoge_db.dump")
+    pg.sql(sql.SQL("DROP ROLE {}").format(sql.Identifier(GATE_ROLE)))  # closed: a restore waits in table gate
+    yield dump
+    pg.sql(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(GATE_ROLE)))
+    drop_database(pg, "gate_source")
+
+
+def test_role_prints_progress_lines_while_the_restore_runs(pg: PgServer, hoge_db: str, gated_dump: Path,
+                                                           tmp_path: Path):  # fmt: skip
+    progress_dir = tmp_path / "progress"
+    host = {**login_vars(pg), "restore_bindir": str(client_bindir()), "restore_progress_interval": 1,
+            "restore_progress_dir": str(progress_dir), "restore_jobs": 2}  # fmt: skip
+    inventory = write_inventory(tmp_path / "inventory.json", host)
+    argv = [str(BIN / "ansible-playbook"), "-i", str(inventory), "pgops.dbrestore.restore", "-e", "db=hoge_db",
+            "-e", f"dump={gated_dump}"]  # fmt: skip
+    proc = subprocess.Popen(argv, env=ansible_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out: list[str] = []
+    reader = threading.Thread(target=lambda: out.extend(iter(proc.stdout.readline, "")), daemon=True)  # type: ignore[union-attr]
+    reader.start()
+
+    def progress() -> list[re.Match]:
+        return [m for m in (LINE.match(ln.rstrip("\n")) for ln in list(out)) if m]
+
+    try:
+        # held in table gate: every other table loaded, and a line a second keeps coming while it waits
+        deadline = time.monotonic() + 60
+        while not [m for m in progress() if m["phase"] == "staging" and m["tables"] == "11"][2:]:
+            assert proc.poll() is None, "".join(out)
+            assert time.monotonic() < deadline, "no progress lines showing 11/12 tables:\n" + "".join(out)
+            time.sleep(0.1)
+        held = json.loads((progress_dir / "hoge_db.json").read_text())
+        assert held["state"] == "running" and held["phase"] == "stage" and held["tables_done"] == 11
+        assert [c["table"] for c in held["copying"]] == ["public.gate"]  # pg_stat_progress_copy
+    finally:
+        pg.sql(sql.SQL("CREATE ROLE {}").format(sql.Identifier(GATE_ROLE)))  # open the gate
+        assert proc.wait(timeout=120) == 0, "".join(out)
+        reader.join(timeout=10)
+    text = "".join(out)
+    lines = progress()
+    staging = [m for m in lines if m["phase"] == "staging"]
+    assert len(staging) >= 3 and all(0 <= int(m["pct"]) < 100 for m in staging), text
+    seconds = [int(m["h"]) * 3600 + int(m["m"]) * 60 + int(m["s"]) for m in lines]
+    assert seconds == sorted(seconds) and seconds[-1] > seconds[0], text  # a clock that moves, line after line
+    assert [int(m["tables"]) for m in lines] == sorted(int(m["tables"]) for m in lines)
+    assert "[WARNING]" not in text and "hoge_db: restored from" in text, text
+    assert fingerprint_db(pg, "hoge_db") == fingerprint_db(pg, "gate_source")
+    final = json.loads((progress_dir / "hoge_db.json").read_text())
+    assert final["state"] == "done" and final["tables_done"] == 12 and final["indexes_done"] == 22
+    assert final["result"]["changed"] is True and "password" not in json.dumps(final)
