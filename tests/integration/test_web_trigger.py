@@ -213,3 +213,103 @@ def test_every_failure_is_one_json_line(pg: PgServer, world: Path, tmp_path: Pat
     if case == "server not listening":  # a failed restore says which dump it tried
         assert answer["dump"] == GOOD
     assert fingerprint_db(pg, "hoge_db") == before
+
+
+# --- start and status: the restore in a job of its own, outliving its caller ---------------------
+
+
+def status_until(config: Path, db: str, states: tuple[str, ...], phase: str = "", deadline_s: float = 60) -> dict:
+    """Ask `status` until the job's state is one of states, in that progress phase (or fail at the deadline)."""
+    deadline = time.monotonic() + deadline_s
+    while True:
+        code, answer = trigger(config, "status", db)
+        assert code == EXIT_OK, answer
+        if answer["state"] in states and (not phase or (answer["progress"] or {}).get("phase") == phase):
+            return answer
+        assert time.monotonic() < deadline, f"still {answer['state']} after {deadline_s} s: {answer}"
+        time.sleep(0.2)
+
+
+def start_as_a_web_worker(config: Path, db: str) -> tuple[subprocess.Popen, dict]:
+    """A caller in a session of its own that runs `start`, then lives on until it is killed (a web worker)."""
+    script = RUNNER.replace("module.main(sys.argv[3:])", "try:\n    module.main(sys.argv[3:])\nfinally:\n"
+                            "    sys.stdout.flush()\n    import time; time.sleep(600)")  # fmt: skip
+    worker = subprocess.Popen(
+        [sys.executable, "-I", "-c", script, str(TRIGGER), str(config), "start", db],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True, cwd="/",
+    )  # fmt: skip
+    line = worker.stdout.readline()
+    return worker, json.loads(line)
+
+
+def test_start_answers_at_once_and_the_job_outlives_its_caller(pg: PgServer, world: Path, tmp_path: Path):
+    state = tmp_path / "state"
+    config = write_config(tmp_path / "pgops-restore.json", pg, world, state_dir=str(state), check_space=True,
+                          options={"bindir": str(client_bindir()), "keep_previous": 1, "lock_timeout": 60})  # fmt: skip
+    code, answer = trigger(config, "status", "hoge_db")
+    assert code == EXIT_OK and answer["state"] == "none" and answer["job"] is None, answer
+    with pg.connect() as holder:  # another restore of hoge_db holds its lock: the job must wait for it
+        holder.execute("SELECT pg_advisory_lock(%s, hashtext(%s))", (LOCK_CLASS, "hoge_db"))
+        began = time.monotonic()
+        worker, started = start_as_a_web_worker(config, "hoge_db")
+        assert time.monotonic() - began < 10, "start waited for the restore"
+        assert started["ok"] and started["state"] == "queued" and started["dump"] == GOOD, started
+        job = started["job"]
+        # the job runs in a session of its own (not its leader: it can never get a terminal), not in its caller's
+        assert os.getsid(started["pid"]) not in (os.getsid(worker.pid), started["pid"], os.getsid(0))
+        running = status_until(config, "hoge_db", ("running",), phase="lock")
+        assert running["job"] == job and running["progress"]["line"].startswith("hoge_db: waiting for the lock")
+
+        code, busy = trigger(config, "start", "hoge_db", GOOD_DIR)  # one job per database
+        assert code == EXIT_BUSY and "busy" in busy["error"], busy
+        assert busy["running"]["job"] == job, busy
+
+        os.killpg(worker.pid, 9)  # the web worker dies (request timeout) while its restore waits
+        worker.wait(timeout=10)
+        worker.stdout.close()
+        worker.stderr.close()
+        assert status_until(config, "hoge_db", ("running",), phase="lock")["job"] == job
+    done = status_until(config, "hoge_db", ("done", "failed"))
+    assert done["state"] == "done" and done["job"] == job, done
+    assert done["outcome"]["changed"] is True and done["outcome"]["previous_db"].startswith("hoge_db_prev_"), done
+    assert done["progress"]["phase"] == "done" and done["progress"]["percent"] == 100, done
+    assert done["started_at"] >= done["queued_at"] and done["finished_at"] >= done["started_at"], done
+    assert fingerprint_db(pg, "hoge_db") == fingerprint_db(pg, "chinook_source")
+
+    # the app changes its data; the same dump again (a reset button) restores it again
+    pg.sql("DELETE FROM invoice_line", dbname="hoge_db")
+    code, again = trigger(config, "start", "hoge_db", GOOD)
+    assert code == EXIT_OK and again["job"] != job, again
+    done = status_until(config, "hoge_db", ("done", "failed"))
+    assert done["state"] == "done" and done["job"] == again["job"] and done["outcome"]["changed"] is True, done
+    assert fingerprint_db(pg, "hoge_db") == fingerprint_db(pg, "chinook_source")
+
+
+def test_start_refusals_change_nothing(pg: PgServer, world: Path, tmp_path: Path):
+    state = tmp_path / "state"
+    config = write_config(tmp_path / "pgops-restore.json", pg, world, state_dir=str(state))
+    before = fingerprint_db(pg, "hoge_db")
+    refused = [
+        ("start", "postgres"),  # not allowed
+        ("start", "other_db"),
+        ("status", "postgres"),
+        ("start", "--force", "hoge_db"),  # option-like
+        ("start", "hoge_db", "--no-owner"),
+        ("status", "hoge_db", GOOD),
+        ("start", "hoge_db", "hoge_db.2026-11-25.dump"),  # a link out of the directory
+        ("start", "hoge_db", "hoge_db.2026-11-26.dump"),
+        ("start", "hoge_db", "hoge_db.2026-11-27.dump"),  # a dangling link
+        ("start", "hoge_db", "../outside/secret.dump"),
+        ("start",),
+        ("status",),
+    ]
+    for argv in refused:
+        code, answer = trigger(config, *argv)
+        assert code == EXIT_REFUSED and answer["error"], (argv, answer)
+    jobs = state / "jobs"
+    assert not (jobs.exists() and [p for p in jobs.iterdir() if p.suffix == ".json"])
+    assert fingerprint_db(pg, "hoge_db") == before
+    # without a state_dir there are no jobs: start and status say what to set
+    bare = write_config(tmp_path / "bare.json", pg, world)
+    code, answer = trigger(bare, "start", "hoge_db")
+    assert code == EXIT_SETUP and "restore_web_trigger_state_dir" in answer["error"], answer
