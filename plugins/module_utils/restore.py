@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ansible_collections.pgops.dbrestore.plugins.module_utils.blocking import CHOICES as BLOCK_CHOICES
+from ansible_collections.pgops.dbrestore.plugins.module_utils.keep import not_supported, parse_tables
 from ansible_collections.pgops.dbrestore.plugins.module_utils.operation import Operation
 from ansible_collections.pgops.dbrestore.plugins.module_utils.postgres import ConnParams, PgOpsError, psycopg, sql_error
 from ansible_collections.pgops.dbrestore.plugins.module_utils.restart import (
@@ -59,6 +60,7 @@ class RestoreRequest:
     phase: str = "all"
     verify_checksum: str = "identity"
     progress_dir: str | None = None  # where the progress file of the run is kept (progress.py); None: nowhere
+    keep_tables: tuple[str, ...] = ()  # tables whose live rows the switch carries into the restored copy (keep.py)
 
     @classmethod
     def from_params(cls, p: dict[str, Any]) -> RestoreRequest:
@@ -88,6 +90,7 @@ class RestoreRequest:
             phase=p["phase"],
             verify_checksum=p["verify_checksum"],
             progress_dir=p["progress_dir"],
+            keep_tables=tuple(p["keep_tables"]),
         )
 
     def __post_init__(self) -> None:
@@ -117,6 +120,10 @@ class RestoreRequest:
             raise PgOpsError("keep_previous must be 0 or more")
         if self.jobs is not None and self.jobs < 1:
             raise PgOpsError("jobs must be 1 or more")
+        if self.keep_tables:
+            parse_tables(self.keep_tables)  # names it can read
+            if self.strategy != "swap" or self.rollback or self.phase not in ("all", "switch", "stage"):
+                raise not_supported("rollback" if self.rollback else self.strategy)
 
     @property
     def load_jobs(self) -> int:
@@ -146,6 +153,7 @@ class RestoreResult:
     terminated: list[dict] = field(default_factory=list)
     restarted: bool = False
     switch_window_ms: int = 0
+    kept_tables: dict[str, Any] = field(default_factory=dict)  # keep_tables: rows carried per table, ms in the window
     phases_ms: dict[str, int] = field(default_factory=dict)
     stripped_statements: list[str] = field(default_factory=list)
     rollback: dict[str, Any] = field(default_factory=dict)
