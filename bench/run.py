@@ -62,11 +62,12 @@ class Plan:
     progress_pairs: int = 5  # interleaved (swap, swap with progress) pairs per size
     big_dump_mb: int = 1100  # the dump of the rerun-at-any-size bench (incompressible rows, uncompressed dump)
     big_trials: int = 5
+    many_tables: int = 400  # the many-tables database: this many tables of 20 000 rows, each with an index
 
 
-FULL = Plan(scales=(1, 10, 50))
+FULL = Plan(scales=(1, 10, 50), wall_trials=5, many_tables=400)
 QUICK = Plan(scales=(1,), drop_trials=2, outage_trials=1, wall_trials=1, rerun_trials=1, progress_pairs=1,
-             big_dump_mb=24, big_trials=2)  # fmt: skip
+             big_dump_mb=24, big_trials=2, many_tables=20)  # fmt: skip
 
 
 def log(msg: str) -> None:
@@ -214,6 +215,39 @@ def bench_size(pg: PgServer, plan: Plan, scale: int, work: Path) -> dict:
     return size
 
 
+def createdb_and_pg_restore(pg: PgServer, db: str, dump: Path) -> dict:
+    """Raw: createdb + pg_restore -jN into a new database, as a script does it."""
+    pg.sql(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(db)))
+    pg_restore(pg, db, dump, JOBS)
+    return {}
+
+
+def bench_many_tables(pg: PgServer, plan: Plan, work: Path) -> dict:
+    """Wall time on a database of many mid-sized tables (no table to split): raw createdb + pg_restore -jN
+    against the swap, in interleaved pairs."""
+    db = "bench_many"
+    log(f"building {plan.many_tables} tables in {db}")
+    pg.sql(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(db)))
+    for i in range(plan.many_tables):
+        pg.sql(f"CREATE TABLE t{i} AS SELECT g AS id, md5(g::text) AS v FROM generate_series(1, 20000) g; "
+               f"CREATE INDEX ON t{i} (v)", dbname=db)  # fmt: skip
+    mb = pg.sql("SELECT pg_database_size(%s) / 1048576", (db,))[0][0]
+    dump = work / f"{db}.pgc"
+    subprocess.run([str(client_bindir() / "pg_dump"), "-Fc", "-f", str(dump), db], env=pg.client_env(), check=True)
+    walls = []
+    for trial in range(plan.wall_trials):
+        fresh = f"{db}_fresh"
+        drop_reliably(pg, fresh)
+        walls.append({"method": f"createdb + pg_restore -j{JOBS}", "trial": trial,
+                      **timed(createdb_and_pg_restore, pg, fresh, dump)})  # fmt: skip
+        drop_reliably(pg, fresh)
+        walls.append({"method": "pg_restore_db swap", "trial": trial, **timed(restore_swap, pg, db, dump)})
+    log(f"{plan.many_tables} tables: wall times done")
+    for (name,) in pg.sql("SELECT datname FROM pg_database WHERE datname LIKE %s", (f"{db}%",)):
+        drop_reliably(pg, name)
+    return {"tables": plan.many_tables, "mb": int(mb), "walls": walls}
+
+
 def bench_big_rerun(pg: PgServer, plan: Plan, work: Path) -> dict:
     """A no-op rerun of a large dump: by the file's identity (reads nothing) against a full hash, and through
     ansible-playbook; the dump is uncompressed incompressible rows of about plan.big_dump_mb MB."""
@@ -272,6 +306,7 @@ def main() -> None:
         res: dict = {"meta": {}, "plan": asdict(plan)}
         res["drops"] = bench_drops(pg, plan)
         res["sizes"] = [bench_size(pg, plan, scale, work) for scale in plan.scales]
+        res["many_tables"] = bench_many_tables(pg, plan, work)
         res["big_rerun"] = bench_big_rerun(pg, plan, work)
         version = pg.sql("SHOW server_version")[0][0]
     finally:

@@ -7,11 +7,20 @@ from __future__ import annotations
 import itertools
 import os
 import secrets
+import subprocess
+import tempfile
+import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from ansible_collections.pgops.dbrestore.plugins.module_utils.dumpfile import DumpSource, PlainFilter, _FdReader
+from ansible_collections.pgops.dbrestore.plugins.module_utils.parallel import (
+    SplitCopy,
+    bulk_settings,
+    pgoptions,
+    split_list,
+)
 from ansible_collections.pgops.dbrestore.plugins.module_utils.postgres import (
     ConnParams,
     PgOpsError,
@@ -46,6 +55,9 @@ class LoadOptions:
     bindir: str | None = None
     jobs: int = 1
     tool_args: tuple[str, ...] = ()
+    # (schema, table) of the tables to load by `jobs` COPY sessions at once (parallel.py); empty: none
+    split: frozenset[tuple[str, str]] = frozenset()
+    split_loaded: list[str] = field(default_factory=list)  # filled in: the tables that were loaded split
 
 
 def conninfo_for(dbname: str) -> str:
@@ -101,7 +113,8 @@ def restore_into(
     into SQL (pg_restore -f -) and fed to psql without that line. With progress, what is done
     is counted as it happens (see progress.py).
     """
-    env = params.tool_env()
+    # the tools' own sessions only: settings that help a bulk load (see parallel.bulk_settings)
+    env = {**params.tool_env(), "PGOPTIONS": pgoptions(bulk_settings(opts.jobs))}
     old_server = info.version_num < 170000
     flt = PlainFilter(unknown_settings=("transaction_timeout",) if old_server else (),
                       restrict_key=secrets.token_hex(16))  # fmt: skip
@@ -115,6 +128,11 @@ def restore_into(
             if progress is not None:
                 tables, indexes = list_totals([pg_restore, "-l", dump.child_path], env, fds)
                 progress.totals(tables, indexes, dump.size)
+            split_ok = opts.split and opts.jobs > 1 and not opts.tool_args and dump.format in ("custom", "directory")
+            if split_ok and not (old_server and tool_version(pg_restore)[0] >= 17):
+                loaded = _restore_split(params, dbname, dump, opts, pg_restore, env, progress)
+                if loaded is not None:
+                    return loaded
             if not (old_server and tool_version(pg_restore)[0] >= 17):
                 argv = [pg_restore, "--exit-on-error", "--no-password", "-d", conninfo_for(dbname)]
                 if dump.format != "tar" and opts.jobs > 1:  # tar archives cannot be restored in parallel
@@ -156,6 +174,69 @@ def restore_into(
     finally:
         if views is not None:
             views.close()
+
+
+def _restore_split(
+    params: ConnParams,
+    dbname: str,
+    dump: DumpSource,
+    opts: LoadOptions,
+    pg_restore: str,
+    env: dict[str, str],
+    progress: Progress | None,
+) -> list[str] | None:
+    """pre-data; the large tables by several COPY sessions each while pg_restore --jobs loads the rest; post-data.
+
+    None when none of opts.split is in the dump (the caller restores it as usual).
+    """
+    fds = (dump.fd,)
+    try:
+        toc = subprocess.run([pg_restore, "-l", dump.child_path], env=env, pass_fds=fds, capture_output=True,
+                             check=True).stdout.decode(errors="replace")  # fmt: skip
+    except (OSError, subprocess.CalledProcessError) as exc:
+        raise PgOpsError(f"pg_restore -l of {dump.path!r} failed: {exc}") from exc
+    listing, chosen = split_list(toc, set(opts.split))
+    if not chosen:
+        return None
+    settings = bulk_settings(opts.jobs)
+    base = [pg_restore, "--exit-on-error", "--no-password", "-d", conninfo_for(dbname)]
+    watch: dict[str, Any] = {}
+    if progress is not None:
+        base.append("--verbose")
+        env["LC_MESSAGES"] = "C"
+        progress.parallel = True
+        watch = {"on_start": progress.reader_pids.append, "on_line": progress.tool_line, "is_info": is_info}
+    with tempfile.NamedTemporaryFile("w", suffix=".list") as list_file:
+        list_file.write(listing)
+        list_file.flush()
+        run_tool([*base, "--section=pre-data", dump.child_path], env, pass_fds=fds, **watch)
+        rest_failed: list[BaseException] = []
+
+        def rest() -> None:
+            try:
+                run_tool([*base, "--section=data", f"--jobs={opts.jobs}", "-L", list_file.name, dump.child_path],
+                         env, pass_fds=fds, **watch)  # fmt: skip
+            except BaseException as exc:  # noqa: BLE001 - raised in the caller's thread below
+                rest_failed.append(exc)
+
+        others = threading.Thread(target=rest, name="pgops-restore-data", daemon=True)
+        others.start()
+        try:
+            for schema, table in chosen:
+                argv = [pg_restore, "--data-only", "-n", schema, "-t", table, "-f", "-", dump.child_path]
+                SplitCopy(params, dbname, opts.jobs, settings).run(argv, env, fds, schema, table,
+                                                                    on_start=watch.get("on_start"))  # fmt: skip
+                opts.split_loaded.append(f"{schema}.{table}")
+                if progress is not None:
+                    progress.table_loaded()
+        finally:
+            others.join()
+        if rest_failed:
+            raise rest_failed[0]
+        run_tool([*base, "--section=post-data", f"--jobs={opts.jobs}", dump.child_path], env, pass_fds=fds, **watch)
+    if progress is not None:
+        progress.loaded()
+    return []
 
 
 def _position(stream: Any) -> Callable[[], int] | None:

@@ -156,6 +156,11 @@ class Progress:
             elif not in_copy and _PLAIN_INDEX.match(line):
                 self._count("index")
 
+    def table_loaded(self) -> None:
+        """A table loaded outside pg_restore (a large one, by several COPY sessions)."""
+        with self.lock:
+            self._count("data")
+
     def loaded(self) -> None:
         """The tool finished without error: everything it had to load is loaded."""
         with self.lock:

@@ -61,6 +61,7 @@ class RestoreRequest:
     verify_checksum: str = "identity"
     progress_dir: str | None = None  # where the progress file of the run is kept (progress.py); None: nowhere
     keep_tables: tuple[str, ...] = ()  # tables whose live rows the switch carries into the restored copy (keep.py)
+    parallel_table_mb: int = 256  # tables of the live database this large load by several COPY sessions; 0: none
 
     @classmethod
     def from_params(cls, p: dict[str, Any]) -> RestoreRequest:
@@ -91,6 +92,7 @@ class RestoreRequest:
             verify_checksum=p["verify_checksum"],
             progress_dir=p["progress_dir"],
             keep_tables=tuple(p["keep_tables"]),
+            parallel_table_mb=p["parallel_table_mb"],
         )
 
     def __post_init__(self) -> None:
@@ -118,6 +120,8 @@ class RestoreRequest:
             raise PgOpsError("src (the dump to restore) is required unless rollback=true")
         if self.keep_previous < 0:
             raise PgOpsError("keep_previous must be 0 or more")
+        if self.parallel_table_mb < 0:
+            raise PgOpsError("parallel_table_mb must be 0 (never split a table) or more")
         if self.jobs is not None and self.jobs < 1:
             raise PgOpsError("jobs must be 1 or more")
         if self.keep_tables:

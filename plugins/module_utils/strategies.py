@@ -49,6 +49,7 @@ from ansible_collections.pgops.dbrestore.plugins.module_utils.load import (
     verify,
 )
 from ansible_collections.pgops.dbrestore.plugins.module_utils.operation import Operation, Step, pause_point
+from ansible_collections.pgops.dbrestore.plugins.module_utils.parallel import large_tables
 from ansible_collections.pgops.dbrestore.plugins.module_utils.postgres import (
     OBJECT_IN_USE,
     PgOpsError,
@@ -137,11 +138,26 @@ class Staging:
     def __init__(self, t: Target, dump: DumpSource) -> None:
         self.t, self.dump = t, dump
         self.live: DatabaseSettings | None = None
+        self.split: frozenset[tuple[str, str]] = frozenset()
+
+    def plan_split(self) -> None:
+        """The live database's large tables, loaded by several COPY sessions each (found before the steps run)."""
+        op, t, req = self.t.op, self.t, self.t.op.req
+        if req.parallel_table_mb and req.load_jobs > 1 and self.dump.format in ("custom", "directory") \
+                and not req.tool_args and t.live_oid is not None and req.strategy == "swap":  # fmt: skip
+            try:
+                self.split = frozenset(large_tables(op.params, t.db, req.parallel_table_mb << 20))
+            except PgOpsError as exc:  # a faster load is not worth failing for: restore as a whole
+                op.res.warnings.append(f'cannot read the table sizes of "{t.db}" ({exc}): no table is split')
 
     def steps(self) -> list[Step]:
         t, fmt = self.t, self.dump.format
+        split = ""
+        if self.split:
+            names = ", ".join(sorted(".".join(n) for n in self.split))
+            split = f" ({names}: {self.t.op.req.load_jobs} COPY sessions each when in the dump)"
         return [
-            Step("stage", f'create "{t.staging}" and restore the {fmt} dump into it', self._load),
+            Step("stage", f'create "{t.staging}" and restore the {fmt} dump into it{split}', self._load),
             Step("verify", f'verify "{t.staging}" and give it the settings of "{t.db}"', self._verify),
         ]
 
@@ -162,8 +178,11 @@ class Staging:
 
     def _run_load(self) -> None:
         op, t, req = self.t.op, self.t, self.t.op.req
-        opts = LoadOptions(bindir=t.bindir, jobs=req.load_jobs, tool_args=req.tool_args)
+        opts = LoadOptions(bindir=t.bindir, jobs=req.load_jobs, tool_args=req.tool_args, split=self.split)
         op.res.stripped_statements = restore_into(op.params, op.info, t.staging, self.dump, opts, op.progress)
+        if opts.split_loaded:
+            op.res.log.append(f"loaded {', '.join(opts.split_loaded)} by {req.load_jobs} COPY sessions each (at least "
+                              f"{req.parallel_table_mb} MB in \"{t.db}\"), the rest by pg_restore --jobs")  # fmt: skip
         self.dump.unchanged(op.res.sha256)
         op.res.log.append(f'restored the {self.dump.format} dump into "{t.staging}"')
 
@@ -344,7 +363,9 @@ class DumpRestore:
             checks.raise_if_any()
             full = op.check_mode or self.name == "replace"
             res.stripped_statements = check_readable(dump, t.bindir, full=full)
-        return leftover + self.after_leftover(t, Staging(t, dump))
+            staging = Staging(t, dump)
+            staging.plan_split()
+        return leftover + self.after_leftover(t, staging)
 
     def after_leftover(self, t: Target, staging: Staging) -> list[Step]:
         raise NotImplementedError

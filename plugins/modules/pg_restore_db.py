@@ -168,6 +168,20 @@ options:
       - Parallel jobs of C(pg_restore) for custom and directory dumps. Default is half the CPUs of the host that
         runs the module (at least 1), so that a live server on the same host keeps serving.
     type: int
+  parallel_table_mb:
+    description:
+      - Tables of at least this many MB in the live database are loaded by O(jobs) COPY sessions at once from
+        the one dump stream (cut on row boundaries), while C(pg_restore --jobs) loads the other tables; indexes and
+        constraints follow with C(pg_restore --jobs), after all the data. C(pg_restore --jobs) alone loads a table
+        on one job, so a database dominated by one large table would load it on one core.
+      - For custom and directory dumps, when the live database exists (its table sizes tell which tables are
+        large), O(jobs) is more than 1 and O(tool_args) is empty; otherwise, and for tar and plain dumps, the dump
+        is restored as a whole as before. V(0) never splits a table.
+      - Every restore session (and the tools') runs with C(synchronous_commit=off) and a C(maintenance_work_mem)
+        sized to the host (an eighth of its memory shared by the jobs, 64 MB to 2 GB); nothing is changed for
+        other sessions. The switch commits synchronously, which makes everything loaded before it durable.
+    type: int
+    default: 256
   bindir:
     description:
       - Directory of the C(pg_restore) and C(psql) to use. Default is the first on C(PATH).
@@ -457,6 +471,7 @@ def main() -> None:
         verify_checksum=dict(type="str", default="identity", choices=list(CHECKSUM_CHOICES)),
         progress_dir=dict(type="path"),
         keep_tables=dict(type="list", elements="str", default=[]),
+        parallel_table_mb=dict(type="int", default=256),
         owner=dict(type="str"),
         template=dict(type="str", default="template0"),
         encoding=dict(type="str"),

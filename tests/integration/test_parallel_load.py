@@ -1,0 +1,79 @@
+"""A large table loaded by several COPY sessions from the one dump stream holds exactly what a plain pg_restore
+of the same dump loads: row counts and a checksum of every table, for custom and directory dumps."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+from psycopg import sql
+
+from ansible_collections.pgops.dbrestore.plugins.module_utils.restore import RestoreRequest, restore_database
+from tests.conftest import drop_database
+from tests.harness.dumps import make_dump
+from tests.harness.pg import PgServer, client_bindir
+from tests.integration.test_restore import restore
+
+pytestmark = pytest.mark.newest_major
+
+# rows with what COPY text escapes (tab, newline, carriage return, backslash, a lone "\." line), NULLs,
+# multibyte text and arrays; a table referencing the large one, so its constraint is made after the split load
+SOURCE_SQL = r"""
+CREATE SCHEMA "odd schema";
+CREATE TABLE "odd schema"."Events" (id bigint PRIMARY KEY, "pay load" text, note text, amount numeric, tags text[]);
+INSERT INTO "odd schema"."Events"
+SELECT g, repeat(md5(g::text), 8) || CASE g % 7 WHEN 0 THEN E'\ttab' WHEN 1 THEN E'new\nline' WHEN 2 THEN E'back\\slash'
+                                             WHEN 3 THEN E'\n\\.\n' WHEN 4 THEN E'cr\r' ELSE 'ü€𝄞' END,
+       CASE WHEN g % 5 = 0 THEN NULL ELSE 'n' || g END, g * 1.25, ARRAY['a' || g, NULL, E'x\ty']
+FROM generate_series(1, 60000) g;
+CREATE INDEX ON "odd schema"."Events" (note);
+CREATE TABLE public.refs (id serial PRIMARY KEY, event_id bigint NOT NULL REFERENCES "odd schema"."Events"(id));
+INSERT INTO public.refs (event_id) SELECT g * 3 FROM generate_series(1, 5000) g;
+CREATE TABLE public.small (k text PRIMARY KEY);
+INSERT INTO public.small VALUES ('a'), ('b');
+"""
+
+
+def tables(pg: PgServer, db: str) -> dict[str, tuple[int, str]]:
+    """Every user table: its row count and the md5 of its rows in order."""
+    names = pg.sql("SELECT format('%I.%I', schemaname, relname) FROM pg_stat_user_tables ORDER BY 1", dbname=db)
+    query = "SELECT count(*), md5(coalesce(string_agg(x::text, '|' ORDER BY x::text), '')) FROM {} x"
+    return {t: tuple(pg.sql(query.format(t), dbname=db)[0]) for (t,) in names}  # names from format('%I')
+
+
+@pytest.fixture
+def source(pg: PgServer):
+    pg.sql("CREATE DATABASE split_source")
+    pg.sql(SOURCE_SQL, dbname="split_source")
+    yield "split_source"
+    drop_database(pg, "split_source")
+
+
+@pytest.mark.parametrize("fmt", ["custom", "directory"])
+def test_split_load_equals_a_plain_pg_restore(pg: PgServer, source: str, dbname: str, tmp_path: Path, fmt: str):
+    dump = make_dump(pg, source, fmt, tmp_path / f"split.{fmt}")
+    plain = f"split_plain_{fmt}"
+    pg.sql(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(plain)))
+    try:
+        subprocess.run([str(client_bindir() / "pg_restore"), "--exit-on-error", "-d", plain, str(dump)],
+                       env=pg.client_env(), check=True)  # fmt: skip
+        pg.sql(sql.SQL("DROP DATABASE {}").format(sql.Identifier(dbname)))
+        pg.sql(sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(sql.Identifier(dbname), sql.Identifier(source)))
+        request = RestoreRequest(db=dbname, src=str(dump), bindir=str(client_bindir()), jobs=2, parallel_table_mb=1)
+        checked = restore_database(pg.params(), request, check_mode=True)  # the plan says it, as the run does it
+        assert "(odd schema.Events: 2 COPY sessions each when in the dump)" in checked.plan[0], checked.plan
+        res = restore(pg, dbname, dump, jobs=2, parallel_table_mb=1, keep_previous=0, force=True)
+        assert res.changed
+        assert "loaded odd schema.Events by 2 COPY sessions each" in " ".join(res.log), res.log
+        expected = tables(pg, plain)
+        assert len(expected) == 3 and expected['"odd schema"."Events"'][0] == 60000
+        assert tables(pg, dbname) == expected
+        constraints = (
+            "SELECT conname, pg_get_constraintdef(oid) FROM pg_constraint WHERE contype IN ('p','f') ORDER BY 1"
+        )
+        assert pg.sql(constraints, dbname=dbname) == pg.sql(constraints, dbname=plain)
+        indexes = "SELECT indexdef FROM pg_indexes WHERE schemaname <> 'pg_catalog' ORDER BY 1"
+        assert pg.sql(indexes, dbname=dbname) == pg.sql(indexes, dbname=plain)
+    finally:
+        drop_database(pg, plain)
