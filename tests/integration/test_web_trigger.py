@@ -313,3 +313,30 @@ def test_start_refusals_change_nothing(pg: PgServer, world: Path, tmp_path: Path
     bare = write_config(tmp_path / "bare.json", pg, world)
     code, answer = trigger(bare, "start", "hoge_db")
     assert code == EXIT_SETUP and "restore_web_trigger_state_dir" in answer["error"], answer
+
+
+def test_a_killed_job_and_too_little_space_are_failures_that_change_nothing(pg: PgServer, world: Path, tmp_path: Path):
+    options = {"bindir": str(client_bindir()), "keep_previous": 1, "lock_timeout": 60}
+    config = write_config(tmp_path / "pgops-restore.json", pg, world, state_dir=str(tmp_path / "state"),
+                          check_space=True, space_margin=1e9, options=options)  # fmt: skip
+    before = fingerprint_db(pg, "hoge_db")
+    # the role's space check: a live database times space_margin does not fit, the job fails before staging
+    code, started = trigger(config, "start", "hoge_db")
+    assert code == EXIT_OK, started
+    failed = status_until(config, "hoge_db", ("done", "failed"))
+    assert failed["state"] == "failed" and failed["sqlstate"] == "53100", failed
+    assert "not enough free space for the staging copy" in failed["error"] and "restore_check_space" in failed["error"]
+
+    # a job killed (SIGKILL, no last word) while it waits: status says so, and the next start may run
+    config = write_config(tmp_path / "pgops-restore.json", pg, world, state_dir=str(tmp_path / "state"),
+                          options=options)  # fmt: skip
+    with pg.connect() as holder:
+        holder.execute("SELECT pg_advisory_lock(%s, hashtext(%s))", (LOCK_CLASS, "hoge_db"))
+        code, started = trigger(config, "start", "hoge_db")
+        assert code == EXIT_OK, started
+        status_until(config, "hoge_db", ("running",), phase="lock")
+        os.kill(started["pid"], 9)
+        killed = status_until(config, "hoge_db", ("failed",))
+        assert killed["job"] == started["job"] and "ended without a result" in killed["error"], killed
+    assert fingerprint_db(pg, "hoge_db") == before
+    assert not pg.sql("SELECT datname FROM pg_database WHERE datname LIKE 'hoge_db_%'")
