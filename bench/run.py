@@ -263,9 +263,9 @@ def bench_big_rerun(pg: PgServer, plan: Plan, work: Path) -> dict:
     subprocess.run([str(client_bindir() / "pg_dump"), "-Fc", "-Z0", "-f", str(dump), db], env=env, check=True)
     out: dict = {"dump_mb": round(dump.stat().st_size / 2**20, 1)}
     out["first"] = timed(restore_swap, pg, db, dump)  # records the dump with its identity
-    out["identity"] = [timed(rerun_identity, pg, db, dump) for _ in range(plan.big_trials)]
-    out["full_hash"] = [timed(rerun_full_hash, pg, db, dump) for _ in range(plan.big_trials)]
-    out["ansible"] = [timed(restore_via_ansible, pg, db, dump) for _ in range(max(1, plan.big_trials // 2))]
+    out["identity"] = [timed(rerun_identity, pg, db, dump) for _trial in range(plan.big_trials)]
+    out["full_hash"] = [timed(rerun_full_hash, pg, db, dump) for _trial in range(plan.big_trials)]
+    out["ansible"] = [timed(restore_via_ansible, pg, db, dump) for _trial in range(max(1, plan.big_trials // 2))]
     log(f"big dump ({out['dump_mb']} MB): reruns done")
     for (name,) in pg.sql("SELECT datname FROM pg_database WHERE datname LIKE %s", (f"{db}%",)):
         drop_reliably(pg, name)

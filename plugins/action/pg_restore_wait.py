@@ -75,10 +75,9 @@ class ActionModule(ActionBase):
             data = json.loads(base64.b64decode(got["content"]))
         except ValueError:
             return None
-        if not isinstance(data, dict):
-            return None
+        if not isinstance(data, dict) or data.get("state") != "running":
+            return None  # not yet this run's: the file of an earlier run, until this one holds the lock
         now = time.monotonic()
         if self._offset is None:  # from here on the clock is ours: one line per interval, one interval apart
             self._offset = float(data.get("elapsed_s", 0)) - now
-        running = data.get("state") == "running"
-        return progress_line(data, elapsed_s=now + self._offset if running else None)
+        return progress_line(data, elapsed_s=now + self._offset)

@@ -142,7 +142,7 @@ def restore_into(
                     return []
                 progress.parallel = any(a.startswith("--jobs=") for a in argv)
                 run_tool([*argv, "--verbose", *opts.tool_args, dump.child_path], {**env, "LC_MESSAGES": "C"},
-                         pass_fds=fds, on_start=lambda pid: progress.reader_pids.append(pid),
+                         pass_fds=fds, on_start=progress.reader_pids.append,
                          on_line=progress.tool_line, is_info=is_info)  # fmt: skip
                 progress.loaded()
                 return []
@@ -224,8 +224,8 @@ def _restore_split(
         try:
             for schema, table in chosen:
                 argv = [pg_restore, "--data-only", "-n", schema, "-t", table, "-f", "-", dump.child_path]
-                SplitCopy(params, dbname, opts.jobs, settings).run(argv, env, fds, schema, table,
-                                                                    on_start=watch.get("on_start"))  # fmt: skip
+                split = SplitCopy(params, dbname, opts.jobs, settings)
+                split.run(argv, env, fds, schema, table, on_start=watch.get("on_start"))
                 opts.split_loaded.append(f"{schema}.{table}")
                 if progress is not None:
                     progress.table_loaded()

@@ -85,8 +85,7 @@ class Operation:
         self.closers: list[Callable[[], None]] = []  # open files and the like, closed by finish()
         progress_dir = getattr(req, "progress_dir", None)
         path = progress_path(progress_dir, req.db) if progress_dir and not check_mode else None
-        self.progress = Progress(path, req.db)
-        self.progress.write()
+        self.progress = Progress(path, req.db)  # written from the moment the lock is held (restore_database)
         self.finished = False
 
     @contextmanager

@@ -132,7 +132,7 @@ class SplitCopy:
                 break
         else:
             return 0  # no data for this table in the dump
-        queues: list[queue.Queue] = [queue.Queue(maxsize=4) for _ in range(self.parts)]
+        queues: list[queue.Queue] = [queue.Queue(maxsize=4) for _part in range(self.parts)]
         workers = [threading.Thread(target=self._session, args=(statement, q), daemon=True) for q in queues]
         for w in workers:
             w.start()

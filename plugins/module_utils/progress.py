@@ -117,9 +117,16 @@ class Progress:
         self._current = ""  # serial pg_restore: the item in work ("data" or "index")
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        if path:
+        self.active = False
+
+    def start(self) -> None:
+        """From now on the file is ours: the run holds the database's restore lock (a second run of the same
+        database, refused by the lock, never overwrites the progress of the one that runs)."""
+        if self.path and not self.active:
+            self.active = True
             self._thread = threading.Thread(target=self._loop, name="pgops-progress", daemon=True)
             self._thread.start()
+            self.write()
 
     # --- what the run reports ---------------------------------------------------------------
 
@@ -203,7 +210,7 @@ class Progress:
         return data
 
     def write(self) -> None:
-        if not self.path:
+        if not self.path or not self.active:
             return
         data = self.snapshot()
         directory = os.path.dirname(self.path) or "."
@@ -237,8 +244,8 @@ class Progress:
             except Exception:  # noqa: BLE001 - progress never fails a restore; the next sample tries again
                 views = None
         with self.lock:
-            if done is not None:
-                self.data["bytes_done"] = done
+            if done is not None:  # never backwards: a tool that exited takes its count with it
+                self.data["bytes_done"] = max(self.data["bytes_done"], done)
             if views is not None:
                 self.data["copying"], self.data["indexing"] = views
 

@@ -91,16 +91,15 @@ class Registry:
                 f'the login role may not use the records in schema "{SCHEMA}", which a superuser made: let it run '
                 f"ALTER SCHEMA {SCHEMA} OWNER TO <login role> and the same for its tables, or log in as a superuser"
             )
-        self.columns = {
-            (t, c)
-            for t, c in self.conn.execute(
+        self.columns = set(
+            self.conn.execute(
                 "SELECT c.relname, a.attname FROM pg_catalog.pg_attribute a "
                 "JOIN pg_catalog.pg_class c ON c.oid = a.attrelid "
                 "JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace "
                 "WHERE n.nspname = %s AND a.attnum > 0 AND NOT a.attisdropped",
                 (SCHEMA,),
             ).fetchall()
-        }
+        )  # (table, column) rows
         return bool(owners), not untrusted
 
     def _usable(self) -> bool:

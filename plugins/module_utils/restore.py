@@ -191,6 +191,7 @@ def restore_database(params: ConnParams, req: RestoreRequest, *, check_mode: boo
         if not check_mode:
             with op.phase("lock"):
                 res.warnings += op.conn.lock(req.lock_timeout)
+            op.progress.start()
         op.walk(plan_for(op))
         if not check_mode:
             record_outcome(op)

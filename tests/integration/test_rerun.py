@@ -43,7 +43,7 @@ def first_row(pg: PgServer, db: str) -> str:
 def test_rerun_by_identity_reads_nothing_and_a_changed_file_is_restored(pg: PgServer, dbname: str, tmp_path: Path):
     dump = plain_dump(tmp_path / "hoge.sql", "aaaa")
     size = dump.stat().st_size
-    first, _ = rerun(pg, dbname, dump)
+    first = rerun(pg, dbname, dump)[0]
     assert first.changed and first.checksum_by == "full" and first_row(pg, dbname) == "aaaa"
 
     same, read = rerun(pg, dbname, dump)
@@ -59,7 +59,7 @@ def test_rerun_by_identity_reads_nothing_and_a_changed_file_is_restored(pg: PgSe
     plain_dump(dump, "bbbb")
     os.utime(dump, ns=(st.st_atime_ns, st.st_mtime_ns))
     assert (dump.stat().st_ino, dump.stat().st_size, dump.stat().st_mtime_ns) == (st.st_ino, size, st.st_mtime_ns)
-    rewritten, _ = rerun(pg, dbname, dump)
+    rewritten = rerun(pg, dbname, dump)[0]
     assert rewritten.changed and rewritten.checksum_by == "full" and first_row(pg, dbname) == "bbbb"
 
     # replaced by another file of the same size and mtime (a new inode)
@@ -67,7 +67,7 @@ def test_rerun_by_identity_reads_nothing_and_a_changed_file_is_restored(pg: PgSe
     other = plain_dump(tmp_path / "hoge.sql.new", "cccc")
     os.utime(other, ns=(st.st_atime_ns, st.st_mtime_ns))
     other.replace(dump)
-    replaced, _ = rerun(pg, dbname, dump)
+    replaced = rerun(pg, dbname, dump)[0]
     assert replaced.changed and replaced.checksum_by == "full" and first_row(pg, dbname) == "cccc"
 
     # only touched: hashed, the same dump, and its new identity recorded so the next run reads nothing
