@@ -25,7 +25,7 @@ import pytest
 from tests.conftest import drop_database
 from tests.harness.dumps import make_dump
 from tests.harness.pg import SUPERUSER, SUPERUSER_PASSWORD, PgServer, client_bindir, free_port
-from tests.integration.test_web_trigger import LOCK_CLASS, RUNNER, TRIGGER
+from tests.integration.test_web_trigger import LOCK_CLASS, RUNNER, TRIGGER, waiting_for_the_lock
 
 ROOT = Path(__file__).resolve().parents[2]
 BUTTON = ROOT / "roles" / "web_host" / "files" / "pgops_restore_button.rb"
@@ -127,11 +127,9 @@ def test_press_the_button_follow_the_progress_and_stay_signed_in(pg: PgServer, s
         holder.execute("SELECT pg_advisory_lock(%s, hashtext(%s))", (LOCK_CLASS, DB))
         page = admin.go("/pgops/restore", {})
         assert page[:2] == (200, "/pgops/restore/progress"), page
-        deadline = time.monotonic() + 30
-        while "waiting for the lock" not in page[2]:
-            assert page[1] == "/pgops/restore/progress" and time.monotonic() < deadline, page
-            time.sleep(0.2)
-            page = admin.go("/pgops/restore/progress")
+        waiting_for_the_lock(pg)
+        page = admin.go("/pgops/restore/progress")
+        assert page[:2] == (200, "/pgops/restore/progress") and "button_db: starting" in page[2], page
         assert admin.go("/pgops/restore", {})[:2] == (200, "/pgops/restore/progress")  # busy: the same job
     done = admin.follow_progress(page)
     # redirected home, still signed in (its session row was carried over), with the dump's data

@@ -70,7 +70,8 @@ module PgopsRestore
       when nil
         page(502, "Restore status unknown", "<p>#{h(status['error'])}</p>", refresh: true)
       else
-        line = status.dig("progress", "line") || status["state"]
+        # no progress before the restore holds the database's lock (another restore of it may run)
+        line = status.dig("progress", "line") || "#{@db}: starting"
         page(200, "Restoring #{@db}", "<p id=\"state\">#{h(status['state'])}</p><p id=\"line\">#{h(line)}</p>",
              refresh: true)
       end
