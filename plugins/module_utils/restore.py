@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ansible_collections.pgops.dbrestore.plugins.module_utils.blocking import CHOICES as BLOCK_CHOICES
+from ansible_collections.pgops.dbrestore.plugins.module_utils.keep import not_supported, parse_tables
 from ansible_collections.pgops.dbrestore.plugins.module_utils.operation import Operation
 from ansible_collections.pgops.dbrestore.plugins.module_utils.pooler import FALLBACKS as POOLER_FALLBACKS
 from ansible_collections.pgops.dbrestore.plugins.module_utils.pooler import Pooler
@@ -69,6 +70,7 @@ class RestoreRequest:
     standby_timeout: float = 30
     verify_checksum: str = "identity"
     progress_dir: str | None = None  # where the progress file of the run is kept (progress.py); None: nowhere
+    keep_tables: tuple[str, ...] = ()  # tables whose live rows the switch carries into the restored copy (keep.py)
     parallel_table_mb: int = 256  # tables of the live database this large load by several COPY sessions; 0: none
 
     @classmethod
@@ -106,6 +108,7 @@ class RestoreRequest:
             standby_timeout=p.get("standby_timeout", 30),
             verify_checksum=p.get("verify_checksum") or "identity",
             progress_dir=p.get("progress_dir"),
+            keep_tables=tuple(p.get("keep_tables") or ()),
             parallel_table_mb=p.get("parallel_table_mb", 256),
         )
 
@@ -170,6 +173,10 @@ class RestoreRequest:
             raise PgOpsError("parallel_table_mb must be 0 (never split a table) or more")
         if self.jobs is not None and self.jobs < 1:
             raise PgOpsError("jobs must be 1 or more")
+        if self.keep_tables:
+            parse_tables(self.keep_tables)  # names it can read
+            if self.strategy != "swap" or self.rollback or self.phase not in ("all", "switch", "stage"):
+                raise not_supported("rollback" if self.rollback else self.strategy)
 
     @property
     def load_jobs(self) -> int:
@@ -203,6 +210,7 @@ class RestoreResult:
     pgbouncers: list[dict] = field(default_factory=list)
     standbys: list[dict] = field(default_factory=list)  # per standby: replayed, lag_bytes, lag_ms, sessions_ended
     switched_at: float = 0.0  # UNIX time the renames committed (0: no switch), for the spread of a set
+    kept_tables: dict[str, Any] = field(default_factory=dict)  # keep_tables: rows carried per table, ms in the window
     phases_ms: dict[str, int] = field(default_factory=dict)
     stripped_statements: list[str] = field(default_factory=list)
     sanitized: list[dict] = field(default_factory=list)  # name, sha256, ms of each sanitize script that ran

@@ -37,6 +37,12 @@ from ansible_collections.pgops.dbrestore.plugins.module_utils.copies import (
 )
 from ansible_collections.pgops.dbrestore.plugins.module_utils.dumpfile import DumpSource
 from ansible_collections.pgops.dbrestore.plugins.module_utils.guard import BlockGuard
+from ansible_collections.pgops.dbrestore.plugins.module_utils.keep import (
+    Carrier,
+    parse_tables,
+    preflight_problems,
+    schema_sql,
+)
 from ansible_collections.pgops.dbrestore.plugins.module_utils.load import (
     LoadOptions,
     check_readable,
@@ -49,6 +55,7 @@ from ansible_collections.pgops.dbrestore.plugins.module_utils.pooler import Paus
 from ansible_collections.pgops.dbrestore.plugins.module_utils.postgres import (
     OBJECT_IN_USE,
     PgOpsError,
+    connect,
     database_oid,
     execute,
     ident,
@@ -67,6 +74,7 @@ from ansible_collections.pgops.dbrestore.plugins.module_utils.sessions import (
     ClearRequest,
     ClearResult,
     Closure,
+    SessionFilter,
     clear_sessions,
     list_sessions,
     terminate_backends,
@@ -302,11 +310,18 @@ def in_transaction_retrying(conn: Any, op: Operation, db: str, body: Callable[[]
             time.sleep(0.05)
 
 
-def close_and_clear(op: Operation, method: BlockMethod, then: Callable[[Any, Closure | None], None]) -> None:
-    """The only window the app sees: close and clear the live database, run `then` while it is empty."""
+def close_and_clear(
+    op: Operation, method: BlockMethod, then: Callable[[Any, Closure | None], None], spare_app: str = ""
+) -> None:
+    """The only window the app sees: close and clear the live database, run `then` while it is empty.
+
+    spare_app: the application_name of our own session into the live database (keep_tables), left alone.
+    """
     req = op.req
+    spare = SessionFilter(exclude_application_names=(spare_app,)) if spare_app else SessionFilter()
     request = ClearRequest(db=req.db, state="blocked", block=method.name, wait_timeout=req.wait_timeout,
-                           fallback=req.fallback, restart=req.restart, record_block=False)  # fmt: skip
+                           fallback=req.fallback, restart=req.restart, record_block=False,
+                           session_filter=spare)  # fmt: skip
     t = time.monotonic()
     try:
         cleared = clear_sessions(op.params, request, on_cleared=then)
@@ -450,6 +465,7 @@ class DumpRestore:
             checks.problems += script_problems
             if op.req.sanitize:
                 checks.problems += owner_problems(op.conn, sanitize_owner(t))
+            checks.problems += keep_tables_problems(t, dump)
             checks.raise_if_any()
             full = op.check_mode or self.name == "replace"
             res.stripped_statements = check_readable(dump, t.bindir, full=full)
@@ -579,15 +595,81 @@ def _create_live(op: Operation, t: Target) -> None:
     op.res.log.append(f'"{t.db}" did not exist: created it from the dump')
 
 
+def keep_tables_problems(t: Target, dump: DumpSource) -> list[str]:
+    """keep_tables' preflight: a superuser login, and each table in the live database and the dump alike."""
+    tables = parse_tables(t.op.req.keep_tables)
+    if not tables:
+        return []
+    dump_sql = schema_sql(dump, t.bindir, tables)
+    if t.live_oid is None:
+        return preflight_problems(t.op.conn, t.op.info, tables, False, dump_sql)
+    with connect(t.op.params.with_db(t.db)) as live:
+        return preflight_problems(live, t.op.info, tables, True, dump_sql)
+
+
+class KeepTables:
+    """Step "keep": carry the live rows of keep_tables into the staged copy inside the switch window.
+
+    Before the window: connect to the live database and the staged copy, and check that each
+    table's columns are the same in both (catalogs) and that writing them runs no app code. In the
+    window (called by the switch once the live database is closed and cleared): copy the rows
+    (keep.Carrier.carry), then close the connection into the live database so it can be renamed.
+    """
+
+    def __init__(self, t: Target) -> None:
+        self.t = t
+        self.tables = parse_tables(t.op.req.keep_tables)
+        self.carrier: Carrier | None = None
+
+    def steps(self) -> list[Step]:
+        if not self.tables:
+            return []
+        names = ", ".join(str(x) for x in self.tables)
+        return [Step("keep", f'check {names} in "{self.t.staging}" against "{self.t.db}"', self._prepare)]
+
+    def _prepare(self) -> None:
+        op, t = self.t.op, self.t
+        carrier = Carrier(op.params, t.db, t.staging, self.tables)
+        try:
+            carrier.check()
+        except BaseException:
+            carrier.close()
+            _drop_quietly(op, t.staging, t.staging_oid)
+            raise
+        self.carrier = carrier
+
+    @property
+    def spare_app(self) -> str:
+        return self.carrier.app_name if self.carrier else ""
+
+    def carry(self) -> None:
+        """In the window: the rows, then the live connection goes (a database with sessions cannot be renamed)."""
+        if self.carrier is None:
+            return
+        try:
+            carried = self.carrier.carry()
+        finally:
+            self.carrier.close()
+        self.t.op.res.kept_tables = {"rows": carried.rows, "ms": carried.ms}
+        rows = ", ".join(f"{n} {name}" for name, n in carried.rows.items())
+        self.t.op.res.log.append(f"switch: carried the live rows into the restored copy ({rows}) in {carried.ms} ms")
+
+    def close(self) -> None:
+        if self.carrier is not None:
+            self.carrier.close()
+
+
 def switch_steps(t: Target) -> list[Step]:
-    """Close + clear live, rename live -> previous and staging -> live in one transaction; prune old copies."""
+    """Close + clear live, carry keep_tables, rename live -> previous and staging -> live in one transaction; prune."""
     op, req = t.op, t.op.req
     prev = free_name(op.conn, previous_name(t.db, utc_stamp()))
+    keep = KeepTables(t)
 
     def run() -> None:
         def renames(conn: Any, closure: Closure | None) -> None:
             state = closure.state if closure else BlockState(t.method.name, closed=False)
             registry = Registry(conn)
+            keep.carry()
 
             def body() -> None:
                 rename(conn, t.db, prev, op.res)
@@ -602,8 +684,9 @@ def switch_steps(t: Target) -> list[Step]:
 
         try:
             with poolers_paused(op):
-                close_and_clear(op, t.method, renames)
+                close_and_clear(op, t.method, renames, keep.spare_app)
         except BaseException:
+            keep.close()
             if f"{t.db} -> {prev}" not in op.res.renamed:
                 _drop_quietly(op, t.staging, t.staging_oid)
             raise
@@ -616,12 +699,14 @@ def switch_steps(t: Target) -> list[Step]:
         )
         follow_standbys(op, prev)
 
+    carried = f", carry the live rows of {', '.join(str(x) for x in keep.tables)}" if keep.tables else ""
     text = (
         pause_text(op)
-        + f'close and clear "{t.db}" ({t.method.name}), rename it to "{prev}" and "{t.staging}" to "{t.db}"'
+        + f'close and clear "{t.db}" ({t.method.name}){carried}, rename it to "{prev}" and "{t.staging}" to "{t.db}"'
         + standby_text(op)
     )
-    return [Step("switch", text, run), *prune(t, "previous", req.keep_previous, planned_prune(t, "previous", prev))]
+    return [*keep.steps(), Step("switch", text, run),
+            *prune(t, "previous", req.keep_previous, planned_prune(t, "previous", prev))]  # fmt: skip
 
 
 class Replace(DumpRestore):

@@ -6,7 +6,14 @@
 # rows of APP_TABLE.
 # With PGOPS_DB_LIB set (the role's unit does that when its hooks are on) the reconnect
 # middleware wraps the app; without it this is a plain app that keeps its connection.
+# Login sessions live in the database, as the ActiveRecord session store keeps them (a table
+# "sessions" the molecule test creates): POST /login user=<name> signs in (cookie sid), GET
+# /whoami answers "user=<name or ->". With PGOPS_BUTTON_LIB set, the restore button (the role's
+# pgops_restore_button.rb) is at /pgops/restore for the user "admin", running the command in
+# PGOPS_RESTORE_COMMAND (a JSON list).
 require "active_record"
+require "json"
+require "securerandom"
 
 ActiveRecord::Base.establish_connection(ENV.fetch("DATABASE_URL"))
 ActiveRecord::Base.logger = nil
@@ -17,7 +24,28 @@ QUERY = <<~SQL.freeze
          (SELECT count(*) FROM #{ENV.fetch('APP_TABLE', 'pg_catalog.pg_class')}) AS rows
 SQL
 
-app = lambda do |_env|
+def session_user(env)
+  sid = Rack::Request.new(env).cookies["sid"]
+  return nil unless sid
+
+  conn = ActiveRecord::Base.connection
+  conn.select_value("SELECT data FROM sessions WHERE session_id = #{conn.quote(sid)}")
+end
+
+def sign_in(env)
+  sid = SecureRandom.hex(16)
+  conn = ActiveRecord::Base.connection
+  user = Rack::Request.new(env).params["user"].to_s
+  conn.execute("INSERT INTO sessions (session_id, data) VALUES (#{conn.quote(sid)}, #{conn.quote(user)})")
+  [303, { "location" => "/whoami", "set-cookie" => "sid=#{sid}; Path=/; HttpOnly" }, []]
+end
+
+app = lambda do |env|
+  return sign_in(env) if env["REQUEST_METHOD"] == "POST" && env["PATH_INFO"] == "/login"
+  if env["PATH_INFO"] == "/whoami"
+    return [200, { "content-type" => "text/plain" }, ["user=#{session_user(env) || '-'}\n"]]
+  end
+
   row = ActiveRecord::Base.connection.select_one(QUERY)
   body = format("ok pid=%<pid>d ppid=%<ppid>d oid=%<oid>s probe=%<probe>s rows=%<rows>s\n",
                 pid: Process.pid, ppid: Process.ppid, oid: row["oid"], probe: row["probe"] ? "t" : "f", rows: row["rows"])
@@ -42,5 +70,11 @@ use ShowErrors
 if (lib = ENV["PGOPS_DB_LIB"]) && !lib.empty?
   require lib
   use PgopsDb::Reconnect
+end
+if (button = ENV["PGOPS_BUTTON_LIB"]) && !button.empty?
+  require button
+  use PgopsRestore::Button, db: "hoge_db", return_to: "/whoami",
+                            command: JSON.parse(ENV.fetch("PGOPS_RESTORE_COMMAND", JSON.generate(PgopsRestore::SUDO))),
+                            allow: ->(env) { session_user(env) == "admin" }
 end
 run app

@@ -419,5 +419,6 @@ def test_web_trigger_validates_then_restores(pg: PgServer, hoge_db: str, backups
     code, answer = trigger(module, "hoge_db")
     assert code == 0 and answer["ok"] and answer["changed"] and answer["dump"] == "hoge_db.2026-11-24.dump"
     assert answer["previous_db"].startswith("hoge_db_prev_")
+    # the same dump again restores again (the web trigger is a "reset to the dump" button)
     code, answer = trigger(module, "hoge_db", "hoge_db.2026-11-24.dump")
-    assert code == 0 and not answer["changed"]
+    assert code == 0 and answer["changed"] and answer["previous_db"].startswith("hoge_db_prev_")

@@ -213,3 +213,143 @@ def test_every_failure_is_one_json_line(pg: PgServer, world: Path, tmp_path: Pat
     if case == "server not listening":  # a failed restore says which dump it tried
         assert answer["dump"] == GOOD
     assert fingerprint_db(pg, "hoge_db") == before
+
+
+# --- start and status: the restore in a job of its own, outliving its caller ---------------------
+
+
+def status_until(config: Path, db: str, states: tuple[str, ...], phase: str = "", deadline_s: float = 60) -> dict:
+    """Ask `status` until the job's state is one of states, in that progress phase (or fail at the deadline)."""
+    deadline = time.monotonic() + deadline_s
+    while True:
+        code, answer = trigger(config, "status", db)
+        assert code == EXIT_OK, answer
+        if answer["state"] in states and (not phase or (answer["progress"] or {}).get("phase") == phase):
+            return answer
+        assert time.monotonic() < deadline, f"still {answer['state']} after {deadline_s} s: {answer}"
+        time.sleep(0.2)
+
+
+def waiting_for_the_lock(pg: PgServer, deadline_s: float = 30) -> None:
+    """Until a restore polls for the restore lock the test holds (registry.acquire_lock: try, look at the holders)."""
+    deadline = time.monotonic() + deadline_s
+    query = ("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pgops.dbrestore' "
+             "AND (query LIKE '%%pg_try_advisory_lock%%' OR query LIKE '%%pg_locks%%')")  # fmt: skip
+    while pg.sql(query)[0][0] == 0:
+        assert time.monotonic() < deadline, "no restore waits for the lock"
+        time.sleep(0.1)
+
+
+def start_as_a_web_worker(config: Path, db: str) -> tuple[subprocess.Popen, dict]:
+    """A caller in a session of its own that runs `start`, then lives on until it is killed (a web worker)."""
+    script = RUNNER.replace("module.main(sys.argv[3:])", "try:\n    module.main(sys.argv[3:])\nfinally:\n"
+                            "    sys.stdout.flush()\n    import time; time.sleep(600)")  # fmt: skip
+    worker = subprocess.Popen(
+        [sys.executable, "-I", "-c", script, str(TRIGGER), str(config), "start", db],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True, cwd="/",
+    )  # fmt: skip
+    line = worker.stdout.readline()
+    return worker, json.loads(line)
+
+
+def test_start_answers_at_once_and_the_job_outlives_its_caller(pg: PgServer, world: Path, tmp_path: Path):
+    state = tmp_path / "state"
+    config = write_config(tmp_path / "pgops-restore.json", pg, world, state_dir=str(state), check_space=True,
+                          options={"bindir": str(client_bindir()), "keep_previous": 1, "lock_timeout": 60})  # fmt: skip
+    code, answer = trigger(config, "status", "hoge_db")
+    assert code == EXIT_OK and answer["state"] == "none" and answer["job"] is None, answer
+    with pg.connect() as holder:  # another restore of hoge_db holds its lock: the job must wait for it
+        holder.execute("SELECT pg_advisory_lock(%s, hashtext(%s))", (LOCK_CLASS, "hoge_db"))
+        began = time.monotonic()
+        worker, started = start_as_a_web_worker(config, "hoge_db")
+        assert time.monotonic() - began < 10, "start waited for the restore"
+        assert started["ok"] and started["state"] == "queued" and started["dump"] == GOOD, started
+        job = started["job"]
+        # the job runs in a session of its own (not its leader: it can never get a terminal), not in its caller's
+        assert os.getsid(started["pid"]) not in (os.getsid(worker.pid), started["pid"], os.getsid(0))
+        waiting_for_the_lock(pg)
+        running = status_until(config, "hoge_db", ("running",))
+        # no progress of its own before it holds the lock (the file may still hold an earlier run's)
+        assert running["job"] == job and running["progress"] is None, running
+
+        code, busy = trigger(config, "start", "hoge_db", GOOD_DIR)  # one job per database
+        assert code == EXIT_BUSY and "busy" in busy["error"], busy
+        assert busy["running"]["job"] == job, busy
+
+        os.killpg(worker.pid, 9)  # the web worker dies (request timeout) while its restore waits
+        worker.wait(timeout=10)
+        worker.stdout.close()
+        worker.stderr.close()
+        assert status_until(config, "hoge_db", ("running",))["job"] == job
+        waiting_for_the_lock(pg)  # the job still waits, its caller gone
+    done = status_until(config, "hoge_db", ("done", "failed"))
+    assert done["state"] == "done" and done["job"] == job, done
+    assert done["outcome"]["changed"] is True and done["outcome"]["previous_db"].startswith("hoge_db_prev_"), done
+    assert done["progress"]["phase"] == "done" and done["progress"]["percent"] == 100, done
+    assert done["started_at"] >= done["queued_at"] and done["finished_at"] >= done["started_at"], done
+    assert fingerprint_db(pg, "hoge_db") == fingerprint_db(pg, "chinook_source")
+
+    # the app changes its data; the same dump again (a reset button) restores it again
+    pg.sql("DELETE FROM invoice_line", dbname="hoge_db")
+    code, again = trigger(config, "start", "hoge_db", GOOD)
+    assert code == EXIT_OK and again["job"] != job, again
+    done = status_until(config, "hoge_db", ("done", "failed"))
+    assert done["state"] == "done" and done["job"] == again["job"] and done["outcome"]["changed"] is True, done
+    assert fingerprint_db(pg, "hoge_db") == fingerprint_db(pg, "chinook_source")
+
+
+def test_start_refusals_change_nothing(pg: PgServer, world: Path, tmp_path: Path):
+    state = tmp_path / "state"
+    config = write_config(tmp_path / "pgops-restore.json", pg, world, state_dir=str(state))
+    before = fingerprint_db(pg, "hoge_db")
+    refused = [
+        ("start", "postgres"),  # not allowed
+        ("start", "other_db"),
+        ("status", "postgres"),
+        ("start", "--force", "hoge_db"),  # option-like
+        ("start", "hoge_db", "--no-owner"),
+        ("status", "hoge_db", GOOD),
+        ("start", "hoge_db", "hoge_db.2026-11-25.dump"),  # a link out of the directory
+        ("start", "hoge_db", "hoge_db.2026-11-26.dump"),
+        ("start", "hoge_db", "hoge_db.2026-11-27.dump"),  # a dangling link
+        ("start", "hoge_db", "../outside/secret.dump"),
+        ("start",),
+        ("status",),
+    ]
+    for argv in refused:
+        code, answer = trigger(config, *argv)
+        assert code == EXIT_REFUSED and answer["error"], (argv, answer)
+    jobs = state / "jobs"
+    assert not (jobs.exists() and [p for p in jobs.iterdir() if p.suffix == ".json"])
+    assert fingerprint_db(pg, "hoge_db") == before
+    # without a state_dir there are no jobs: start and status say what to set
+    bare = write_config(tmp_path / "bare.json", pg, world)
+    code, answer = trigger(bare, "start", "hoge_db")
+    assert code == EXIT_SETUP and "restore_web_trigger_state_dir" in answer["error"], answer
+
+
+def test_a_killed_job_and_too_little_space_are_failures_that_change_nothing(pg: PgServer, world: Path, tmp_path: Path):
+    options = {"bindir": str(client_bindir()), "keep_previous": 1, "lock_timeout": 60}
+    config = write_config(tmp_path / "pgops-restore.json", pg, world, state_dir=str(tmp_path / "state"),
+                          check_space=True, space_margin=1e9, options=options)  # fmt: skip
+    before = fingerprint_db(pg, "hoge_db")
+    # the role's space check: a live database times space_margin does not fit, the job fails before staging
+    code, started = trigger(config, "start", "hoge_db")
+    assert code == EXIT_OK, started
+    failed = status_until(config, "hoge_db", ("done", "failed"))
+    assert failed["state"] == "failed" and failed["sqlstate"] == "53100", failed
+    assert "not enough free space for the staging copy" in failed["error"] and "restore_check_space" in failed["error"]
+
+    # a job killed (SIGKILL, no last word) while it waits: status says so, and the next start may run
+    config = write_config(tmp_path / "pgops-restore.json", pg, world, state_dir=str(tmp_path / "state"),
+                          options=options)  # fmt: skip
+    with pg.connect() as holder:
+        holder.execute("SELECT pg_advisory_lock(%s, hashtext(%s))", (LOCK_CLASS, "hoge_db"))
+        code, started = trigger(config, "start", "hoge_db")
+        assert code == EXIT_OK, started
+        waiting_for_the_lock(pg)
+        os.kill(started["pid"], 9)
+        killed = status_until(config, "hoge_db", ("failed",))
+        assert killed["job"] == started["job"] and "ended without a result" in killed["error"], killed
+    assert fingerprint_db(pg, "hoge_db") == before
+    assert not pg.sql("SELECT datname FROM pg_database WHERE datname LIKE 'hoge_db_%'")

@@ -16,6 +16,7 @@ import re
 import shlex
 import subprocess
 import sys
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -205,32 +206,54 @@ def test_rollback_restores_the_old_rows(host, dump_counts):
 
 
 # what the web app runs, as docs/web-trigger.md shows it: as postgres, never as root
-APP_COMMAND = "sudo -n -u postgres /usr/local/sbin/pgops-restore hoge_db"
+APP_COMMAND = "sudo -n -u postgres /usr/local/sbin/pgops-restore start hoge_db"
+STATUS_COMMAND = "sudo -n -u postgres /usr/local/sbin/pgops-restore status hoge_db"
 AS_POSTGRES = ["-u", "postgres"]
 TRIGGER_CONFIG = "/etc/pgops-restore.json"
 TRIGGER_LIB = "/usr/local/lib/pgops-dbrestore/ansible_collections/pgops/dbrestore/plugins/module_utils"
 
 
+def app_runs(host, command):
+    result = sudo_as(host, "webapp", *shlex.split(command)[2:])
+    assert result.stderr == "", result.stderr
+    return result.rc, json.loads(result.stdout)  # exactly one JSON line
+
+
+def app_restores(host):
+    """The app starts a restore of hoge_db and polls its status until it ends; returns (start, status) answers."""
+    code, started = app_runs(host, APP_COMMAND)
+    assert code == 0 and started["ok"] is True and started["state"] == "queued", started
+    deadline = time.monotonic() + 120
+    while True:  # the restore runs detached; the app polls its status
+        code, answer = app_runs(host, STATUS_COMMAND)
+        assert code == 0 and answer["job"] == started["job"], answer
+        if answer["state"] in ("done", "failed"):
+            return started, answer
+        assert time.monotonic() < deadline, answer
+        time.sleep(0.5)
+
+
 def test_web_trigger_restores_for_the_app_user(host, dump_counts):
     assert shlex.split(APP_COMMAND)[:2] == ["sudo", "-n"]
-    result = sudo_as(host, "webapp", *shlex.split(APP_COMMAND)[2:])
-    assert result.rc == 0, result.stdout + result.stderr
-    assert result.stderr == ""
-    answer = json.loads(result.stdout)  # exactly one JSON line
-    assert answer["ok"] is True
-    assert answer["changed"] is True
-    assert answer["db"] == "hoge_db"
-    assert answer["previous_db"].startswith("hoge_db_prev_")
+    _started, answer = app_restores(host)
+    assert answer["state"] == "done", answer
+    assert answer["outcome"]["changed"] is True
+    assert answer["outcome"]["previous_db"].startswith("hoge_db_prev_")
     assert counts(host, "hoge_db") == dump_counts
     # sudo ran it as postgres, which logged in over the unix socket by peer authentication
     journal = host.check_output("journalctl -q --no-pager -t sudo --since -5min")
-    assert "USER=postgres ; COMMAND=/usr/local/sbin/pgops-restore hoge_db" in journal
+    assert "USER=postgres ; COMMAND=/usr/local/sbin/pgops-restore start hoge_db" in journal
     assert recorded(host, "restored_by") == "postgres"
 
 
 @pytest.mark.parametrize(
     "argv",
     [
+        ["hoge_db"],  # the foreground form: not for the web app
+        ["run", "hoge_db"],
+        ["start", "other_db"],
+        ["status", "postgres"],
+        ["start", "hoge_db", "hoge_db.chinook.dump"],  # a dump name is not allowed without restore_web_trigger_any_dump
         ["other_db"],
         ["postgres"],
         ["hoge_db", "../../etc/shadow"],
@@ -299,12 +322,11 @@ def hostile_dumps(host):
 
 
 def test_web_trigger_default_choice_skips_hostile_entries(host, hostile_dumps, dump_counts):
-    """Newer links out of the directory, dangling links and checksum files are passed over (the
-    real dump is already restored, so this run is a no-op that names the dump it chose)."""
-    result = sudo_as(host, "webapp", *shlex.split(APP_COMMAND)[2:])
-    answer = json.loads(result.stdout)
-    assert answer["dump"] == "hoge_db.chinook.dump", answer
-    assert result.rc == 0 and answer["changed"] is False, answer
+    """Newer links out of the directory, dangling links and checksum files are passed over: the job
+    restores the real dump (again: the web trigger always restores)."""
+    started, answer = app_restores(host)
+    assert started["dump"] == "hoge_db.chinook.dump", started
+    assert answer["state"] == "done" and answer["dump"] == "hoge_db.chinook.dump", answer
     assert counts(host, "hoge_db") == dump_counts
 
 
@@ -341,7 +363,7 @@ def test_app_user_sudo_listing(host):
     assert out.count("Sudoers entry:") == 1, out
     assert "RunAsUsers: postgres\n" in out
     listed = [line.strip() for line in out.split("Commands:\n", 1)[1].splitlines() if line.strip()]
-    assert listed == [f"{TRIGGER} hoge_db"]
+    assert listed == [f"{TRIGGER} start hoge_db", f"{TRIGGER} status hoge_db"]
 
 
 def test_web_trigger_files_belong_to_root_but_the_config(host):

@@ -275,6 +275,80 @@ def test_puma_cluster_with_hooks_survives_restore(host):
     assert s["new_copy_from_old_workers"] > 0, s
 
 
+BASE = URL.rstrip("/")
+COOKIES = "/tmp/button.cookies"
+
+
+def browser(host, *args):
+    """curl as a browser would: the cookie jar, no redirect followed; returns 'code location' and the body."""
+    out = host.run("curl -sS -m 30 -b %s -c %s -o /tmp/button.body -w '%%{http_code} %%{redirect_url}' "
+                   + " ".join(["%s"] * len(args)), COOKIES, COOKIES, *args)  # fmt: skip
+    assert out.rc == 0, out.stderr
+    return out.stdout.strip(), host.file("/tmp/button.body").content_string
+
+
+def test_restore_button_keeps_the_user_signed_in(host, tmp_path):
+    """Sign in (a session row in hoge_db), press the restore button, follow the progress page until it
+    redirects: still signed in, the data is the dump's, and the parallel request loop saw no failure."""
+    apply_role(web_host_server="unicorn", web_host_hooks=True)
+    psql("CREATE TABLE IF NOT EXISTS sessions (id bigserial PRIMARY KEY, session_id varchar NOT NULL UNIQUE,"
+         " data text); GRANT SELECT, INSERT, UPDATE, DELETE ON sessions TO hoge_app;"
+         " GRANT USAGE ON SEQUENCE sessions_id_seq TO hoge_app;"
+         " DROP TABLE IF EXISTS public.pgops_probe")  # fmt: skip
+    podman(DB, "runuser", "-u", "postgres", "--", "pg_dump", "-Fc", "-f", "/tmp/hoge_db.button.dump", "hoge_db")
+    subprocess.run(["podman", "cp", f"{DB}:/tmp/hoge_db.button.dump", str(tmp_path / "dump")], check=True)
+    subprocess.run(["podman", "cp", str(tmp_path / "dump"), f"{WEB}:/var/backups/pgops-app/hoge_db.button.dump"],
+                   check=True)  # fmt: skip
+    host.check_output("chmod 0644 /var/backups/pgops-app/hoge_db.button.dump")
+    res = playbook(SCENARIO_DIR / "web_trigger.yml")
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr
+    wait_serving(host)
+
+    host.run("rm -f %s", COOKIES)
+    assert browser(host, "-d", "user=admin", f"{BASE}/login")[0] == f"303 {BASE}/whoami"
+    assert browser(host, f"{BASE}/whoami")[1] == "user=admin\n"  # signed in after the dump was made
+    psql("CREATE TABLE public.pgops_probe ()")  # the app changed its data since the dump
+
+    loop = start_loop(host)
+    try:
+        time.sleep(1.5)
+        pressed = browser(host, "-H", f"Origin: {BASE}", "-d", "", f"{BASE}/pgops/restore")
+        assert pressed[0] == f"303 {BASE}/pgops/restore/progress", pressed
+        pages, deadline = 0, time.monotonic() + 300
+        while True:  # the progress page reloads itself every second until the restore is done
+            page = browser(host, f"{BASE}/pgops/restore/progress")
+            if page[0].startswith("303"):
+                break
+            assert page[0].startswith("200") and 'http-equiv="refresh"' in page[1], page
+            assert time.monotonic() < deadline, page
+            pages += 1
+            time.sleep(1)
+        assert page[0] == f"303 {BASE}/whoami", page
+        time.sleep(2)
+    finally:
+        host.run("touch %s", LOOP_STOP)
+        loop.wait(timeout=60)
+
+    assert browser(host, f"{BASE}/whoami")[1] == "user=admin\n"  # still signed in
+    status = json.loads(browser(host, f"{BASE}/pgops/restore/status")[1])
+    assert status["state"] == "done" and status["outcome"]["changed"] is True, status
+    assert psql("SELECT to_regclass('public.pgops_probe') IS NULL").strip() == "t"  # the dump's data
+    reqs = []
+    for line in host.file(LOOP_OUT).content_string.splitlines():
+        start, end, code, body = line.split("\t", 3)
+        reqs.append(Request(float(start), float(end), int(code), body))
+    failed = [r for r in reqs if not r.ok]
+    summary = {"run": "restore button", "requests": len(reqs), "progress_pages": pages, "failed": len(failed),
+               "errors": sorted({re.sub(r"pid=\d+ ", "", r.body)[:160] for r in failed})[:5],
+               "last_requests_new_copy": all(r.ok and r.field(4) == "f" for r in reqs[-20:])}  # fmt: skip
+    print(json.dumps(summary, indent=2))
+    report = json.loads(REPORT.read_text()) if REPORT.exists() else {}
+    report["restore button"] = summary
+    REPORT.write_text(json.dumps(report, indent=2))
+    assert len(reqs) > 100 and summary["last_requests_new_copy"], summary
+    assert failed == [], summary
+
+
 def test_control_unicorn_without_hooks_fails(host):
     """Without the hooks and the middleware the same restore breaks requests until the reload."""
     apply_role(web_host_server="unicorn", web_host_hooks=False)

@@ -72,12 +72,13 @@ def test_from_module_params_renamed_options():
         "wait_timeout": 30.0, "fallback": "none", "restart_service": None, "restart_pg_ctl": "pg_ctl",
         "restart_data_dir": None, "restart_command": [], "restart_become_user": None, "restart_sudo": False,
         "restart_timeout": 120, "phase": "all", "verify_checksum": "full", "progress_dir": None,
-        "parallel_table_mb": 0,
+        "parallel_table_mb": 0, "keep_tables": ["sessions"],
     }  # fmt: skip
     req = RestoreRequest.from_params(params)
     assert req.verify_checksum == "full" and req.progress_dir is None and req.parallel_table_mb == 0
     assert req.src == os.path.abspath("rel/dump.custom") and req.tool_args == ("--no-owner",)
     assert req.block_new_connections == "revoke_connect" and req.keep_previous == 2 and req.restart is None
+    assert req.keep_tables == ("sessions",)
 
 
 def test_result_reports_counts_and_effects():
