@@ -23,14 +23,19 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ansible_collections.pgops.dbrestore.plugins.module_utils.guard import ResumeGuard
-from ansible_collections.pgops.dbrestore.plugins.module_utils.postgres import PgOpsError, one_line, psycopg
+from ansible_collections.pgops.dbrestore.plugins.module_utils.postgres import (
+    QUERY_CANCELED,
+    PgOpsError,
+    one_line,
+    psycopg,
+)
 
 FALLBACKS = ("none", "switch")
 DEFAULT_PORT = 6432
 # the SQLSTATE our pooler errors carry: 08006 connection failure, 57014 query canceled (PAUSE timed out),
 # 55000 object not in prerequisite state (session pooling with clients)
 CONNECTION_FAILURE = "08006"
-PAUSE_TIMED_OUT = "57014"
+PAUSE_TIMED_OUT = QUERY_CANCELED
 NOT_PAUSABLE = "55000"
 
 

@@ -29,6 +29,7 @@ except ImportError:  # reported by the module through missing_required_lib
 OBJECT_IN_USE = "55006"
 LOCK_NOT_AVAILABLE = "55P03"
 INSUFFICIENT_PRIVILEGE = "42501"
+QUERY_CANCELED = "57014"  # also what our own waits that ran out of time carry
 # a role that pins a safe search_path on every connection we open, as pg_dump does since CVE-2018-1058
 SAFE_SEARCH_PATH = "pg_catalog, pg_temp"
 

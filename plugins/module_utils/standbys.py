@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ansible_collections.pgops.dbrestore.plugins.module_utils.postgres import (
+    QUERY_CANCELED,
     ConnParams,
     PgOpsError,
     connect,
@@ -26,7 +27,6 @@ from ansible_collections.pgops.dbrestore.plugins.module_utils.postgres import (
 
 MIN_VERSION_NUM = 100000  # pg_current_wal_lsn, pg_last_wal_replay_lsn
 POLL_SECONDS = 0.02
-TIMED_OUT = "57014"  # query_canceled: the standby did not replay in time
 
 
 def standbys_argument_spec() -> dict[str, dict[str, Any]]:
@@ -137,7 +137,7 @@ class Follow:
                 f'switched "{db}" on the primary, but not every standby followed ({which}): on each, once it has '
                 f"replayed the switch, run SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = "
                 f"'{old_db}', or raise standby_timeout",
-                sqlstate=TIMED_OUT,
+                sqlstate=QUERY_CANCELED,  # the standby did not replay in time
             )
 
     def _one(self, s: Standby, report: StandbyReport, lsn: str, old_db: str) -> None:

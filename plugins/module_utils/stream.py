@@ -42,17 +42,9 @@ def source_params(source: dict[str, Any]) -> ConnParams:
     """The source's connection (pg_restore_db's source suboptions) as ConnParams."""
     if not source.get("db"):
         raise PgOpsError("source needs db, the name of the database to read")
-    return ConnParams(
-        login_user=source.get("user") or "postgres",
-        login_password=source.get("password") or "",
-        login_host=source.get("host") or "",
-        login_unix_socket=source.get("unix_socket") or "",
-        login_port=int(source.get("port") or 5432),
-        login_db=source["db"],
-        ssl_mode=source.get("ssl_mode") or "prefer",
-        connect_timeout=int(source.get("connect_timeout") or 10),
-        connect_params=tuple(sorted((str(k), str(v)) for k, v in (source.get("connect_params") or {}).items())),
-    )
+    # the suboptions are the connection options without their login_ prefix
+    login = ("user", "password", "host", "unix_socket", "port", "db")
+    return ConnParams.from_params({f"login_{k}" if k in login else k: v for k, v in source.items()})
 
 
 @dataclass
