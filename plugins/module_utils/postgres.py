@@ -235,11 +235,6 @@ class ServerInfo:
         return self.version_num >= 80400
 
     @property
-    def has_allow_connections(self) -> bool:
-        """ALTER DATABASE … ALLOW_CONNECTIONS exists from 9.5 on."""
-        return self.version_num >= 90500
-
-    @property
     def has_signal_backend_role(self) -> bool:
         """pg_signal_backend exists from 9.6 on."""
         return self.version_num >= 90600

@@ -25,8 +25,8 @@ pytestmark = pytest.mark.newest_major
 
 # What users, ansible-galaxy and ansible-test need from the artifact.
 REQUIRED = (
-    "MANIFEST.json", "FILES.json", "README.md", "CHANGELOG.md", "COPYING", "meta/runtime.yml", "meta/execution-environment.yml",
-    "changelogs/changelog.yaml", "changelogs/config.yaml",
+    "MANIFEST.json", "FILES.json", "README.md", "CHANGELOG.md", "COPYING",
+    "meta/runtime.yml", "meta/execution-environment.yml", "changelogs/changelog.yaml", "changelogs/config.yaml",
     "plugins/modules/pg_restore_db.py", "plugins/modules/pg_terminate_connections.py",
     "plugins/doc_fragments/postgres.py", "plugins/module_utils/postgres.py",
     "roles/restore/tasks/main.yml", "roles/restore/meta/argument_specs.yml", "roles/restore/files/pgops-restore",

@@ -37,9 +37,9 @@ def test_server_info_version_rules():
     old = ServerInfo(version_num=80300, version="8.3.23", is_superuser=True, current_user="postgres")
     assert old.pid_column == "procpid" and not old.can_terminate_backends
     v91 = ServerInfo(version_num=90124, version="9.1.24", is_superuser=True, current_user="postgres")
-    assert v91.pid_column == "procpid" and v91.can_terminate_backends and not v91.has_allow_connections
+    assert v91.pid_column == "procpid" and v91.can_terminate_backends
     v95 = ServerInfo(version_num=90500, version="9.5.0", is_superuser=True, current_user="postgres")
-    assert v95.pid_column == "pid" and v95.has_allow_connections and not v95.has_signal_backend_role
+    assert v95.pid_column == "pid" and not v95.has_signal_backend_role
     v10 = ServerInfo(version_num=100023, version="10.23", is_superuser=False, current_user="app")
     assert v10.has_signal_backend_role
 
