@@ -207,6 +207,7 @@ class RestoreResult:
     restarted: bool = False
     switch_window_ms: int = 0
     pgbouncer_pause_ms: int = 0  # PAUSE sent to RESUME done: how long clients behind PgBouncer waited at most
+    pgbouncer_window_ms: dict[str, int] = field(default_factory=dict)  # where the pause went, per step
     pgbouncers: list[dict] = field(default_factory=list)
     standbys: list[dict] = field(default_factory=list)  # per standby: replayed, lag_bytes, lag_ms, sessions_ended
     switched_at: float = 0.0  # UNIX time the renames committed (0: no switch), for the spread of a set

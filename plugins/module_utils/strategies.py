@@ -85,6 +85,7 @@ from ansible_collections.pgops.dbrestore.plugins.module_utils.stream import Serv
 # all: the whole restore; stage/switch split it so a set of databases (shards) is switched only
 # when every staged copy verified; abort drops a staged copy
 PHASES = ("all", "stage", "switch", "abort")
+EXIT_GRACE_SECONDS = 0.05  # behind a paused PgBouncer: how long its closed server connections get to go away
 
 
 class Target:
@@ -311,45 +312,53 @@ def in_transaction_retrying(conn: Any, op: Operation, db: str, body: Callable[[]
 
 
 def close_and_clear(
-    op: Operation, method: BlockMethod, then: Callable[[Any, Closure | None], None], spare_app: str = ""
-) -> None:
+    op: Operation, method: BlockMethod, then: Callable[[Any, Closure | None], None], spare_app: str = "",
+    paused: bool = False,
+) -> None:  # fmt: skip
     """The only window the app sees: close and clear the live database, run `then` while it is empty.
 
     spare_app: the application_name of our own session into the live database (keep_tables), left alone.
+    paused: the PgBouncers of pgbouncers are paused for the window (once all else is ready), resumed after it.
     """
     req = op.req
     spare = SessionFilter(exclude_application_names=(spare_app,)) if spare_app else SessionFilter()
     request = ClearRequest(db=req.db, state="blocked", block=method.name, wait_timeout=req.wait_timeout,
                            fallback=req.fallback, restart=req.restart, record_block=False,
                            session_filter=spare)  # fmt: skip
+    pause = Pause(req.pgbouncers, req.pgbouncer_pause_timeout, req.pgbouncer_fallback, log=op.res.log,
+                  warnings=op.res.warnings) if paused and req.pgbouncers else None  # fmt: skip
+    if pause is not None:  # the backends of PgBouncer's server connections, closed by PAUSE, exit by themselves
+        request.exit_grace = EXIT_GRACE_SECONDS
     t = time.monotonic()
     try:
-        cleared = clear_sessions(op.params, request, on_cleared=then)
+        cleared = clear_sessions(op.params, request, on_cleared=then,
+                                 hold=(lambda: _held(pause)) if pause else None)  # fmt: skip
     except PgOpsError as exc:  # what it did before failing (sessions already ended) is part of our result
         op.res.terminated += exc.details.get("terminated", [])
         op.res.log += [f"switch: {line}" for line in exc.details.get("log", [])]
         raise
     finally:
         op.res.switch_window_ms = int((time.monotonic() - t) * 1000)
+        if pause is not None:
+            op.res.pgbouncer_pause_ms = pause.pause_ms
+            op.res.pgbouncers = [r.as_dict() for r in pause.reports]
+            op.res.pgbouncer_window_ms = {**pause.window_ms, **op.res.pgbouncer_window_ms}
+        else:
+            op.res.pgbouncer_window_ms = {}
+    if pause is not None and pause.pause_ms:
+        w = op.res.pgbouncer_window_ms
+        w.update(close=cleared.elapsed_ms.get("block", 0), terminate=cleared.elapsed_ms.get("terminate", 0))
+        w["other"] = max(0, pause.pause_ms - sum(w.values()))
+        w["total"] = pause.pause_ms
+        op.res.log.append("switch: PgBouncer paused " + ", ".join(f"{k} {v} ms" for k, v in w.items()))
     _record_clear(op, cleared)
 
 
 @contextmanager
-def poolers_paused(op: Operation) -> Iterator[None]:
-    """PgBouncers in front of the database paused for the body (pgbouncers), resumed on every way out."""
-    req = op.req
-    if not req.pgbouncers:
+def _held(pause: Pause) -> Iterator[None]:
+    with pause.held():
+        pause_point("pgbouncer-paused")  # no pooled session left, nothing switched yet: the guard's moment
         yield
-        return
-    pause = Pause(req.pgbouncers, req.pgbouncer_pause_timeout, req.pgbouncer_fallback, log=op.res.log,
-                  warnings=op.res.warnings)  # fmt: skip
-    try:
-        with pause.held():
-            pause_point("pgbouncer-paused")  # no pooled session left, nothing switched yet: the guard's moment
-            yield
-    finally:
-        op.res.pgbouncer_pause_ms = pause.pause_ms
-        op.res.pgbouncers = [r.as_dict() for r in pause.reports]
 
 
 def follow_standbys(op: Operation, old_db: str) -> None:
@@ -669,7 +678,10 @@ def switch_steps(t: Target) -> list[Step]:
         def renames(conn: Any, closure: Closure | None) -> None:
             state = closure.state if closure else BlockState(t.method.name, closed=False)
             registry = Registry(conn)
+            started = time.monotonic()
             keep.carry()
+            if keep.tables:
+                op.res.pgbouncer_window_ms["keep"] = int((time.monotonic() - started) * 1000)
 
             def body() -> None:
                 rename(conn, t.db, prev, op.res)
@@ -677,14 +689,15 @@ def switch_steps(t: Target) -> list[Step]:
                 registry.add_copy(t.live_oid, prev, t.db, "previous", state)  # type: ignore[arg-type]
                 registry.forget_copy(t.staging_oid)  # type: ignore[arg-type]
 
+            started = time.monotonic()
             in_transaction_retrying(conn, op, t.db, body)
+            op.res.pgbouncer_window_ms["rename"] = int((time.monotonic() - started) * 1000)
             op.res.switched_at = time.time()  # committed: a set across hosts reports the spread of these
             pause_point("switched")  # renamed, the old copy still closed
             op.res.rollback_sql = rollback_sql(op, t.method, state, prev)
 
         try:
-            with poolers_paused(op):
-                close_and_clear(op, t.method, renames, keep.spare_app)
+            close_and_clear(op, t.method, renames, keep.spare_app, paused=True)
         except BaseException:
             keep.close()
             if f"{t.db} -> {prev}" not in op.res.renamed:
@@ -768,8 +781,7 @@ class Rollback:
                 if t.live_oid is None:
                     renames(op.conn, None)
                 else:
-                    with poolers_paused(op):
-                        close_and_clear(op, t.method, renames)
+                    close_and_clear(op, t.method, renames, paused=True)
             finally:
                 guard.release()
 
@@ -783,7 +795,9 @@ class Rollback:
                 rename(conn, prev.name, t.db, op.res)
                 registry.forget_copy(prev.oid)
 
+            started = time.monotonic()
             in_transaction_retrying(conn, op, t.db, body)
+            op.res.pgbouncer_window_ms["rename"] = int((time.monotonic() - started) * 1000)
             pause_point("rolled-back")  # renamed, not yet reopened: the guard's moment
             back.open(conn, t.db, prev.block_state)
 
