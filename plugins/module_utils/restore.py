@@ -24,7 +24,7 @@ from ansible_collections.pgops.dbrestore.plugins.module_utils.restart import (
     RestartSpec,
     restart_spec_from_params,
 )
-from ansible_collections.pgops.dbrestore.plugins.module_utils.standbys import Standby
+from ansible_collections.pgops.dbrestore.plugins.module_utils.standbys import Standby, entry_problems
 from ansible_collections.pgops.dbrestore.plugins.module_utils.strategies import (
     PHASES,
     STRATEGIES,
@@ -68,6 +68,7 @@ class RestoreRequest:
     pgbouncer_fallback: str = "none"
     standbys: tuple[Standby, ...] = ()  # followed after the switch (dicts of Standby's fields are taken too)
     standby_timeout: float = 30
+    discover_standbys: bool = False  # the standbys are the ones pg_stat_replication shows (standbys: how to reach them)
     verify_checksum: str = "identity"
     progress_dir: str | None = None  # where the progress file of the run is kept (progress.py); None: nowhere
     keep_tables: tuple[str, ...] = ()  # tables whose live rows the switch carries into the restored copy (keep.py)
@@ -106,6 +107,7 @@ class RestoreRequest:
             pgbouncer_fallback=p.get("pgbouncer_fallback") or "none",
             standbys=tuple(Standby.from_params(s) for s in p.get("standbys") or ()),
             standby_timeout=p.get("standby_timeout", 30),
+            discover_standbys=bool(p.get("discover_standbys")),
             verify_checksum=p.get("verify_checksum") or "identity",
             progress_dir=p.get("progress_dir"),
             keep_tables=tuple(p.get("keep_tables") or ()),
@@ -117,7 +119,10 @@ class RestoreRequest:
         self.standbys = tuple(s if isinstance(s, Standby) else Standby.from_params(s) for s in self.standbys)
         if self.standby_timeout <= 0:
             raise PgOpsError("standby_timeout must be more than 0 seconds")
-        if self.standbys and self.strategy == "replace" and not self.rollback:
+        bad = entry_problems(self.standbys, self.discover_standbys)
+        if bad:
+            raise PgOpsError("; ".join(bad))
+        if (self.standbys or self.discover_standbys) and self.strategy == "replace" and not self.rollback:
             raise PgOpsError(
                 "standbys follows a swap's rename; strategy=replace drops the database, which ends the "
                 "standbys' sessions itself: leave standbys out"

@@ -79,7 +79,7 @@ from ansible_collections.pgops.dbrestore.plugins.module_utils.sessions import (
     list_sessions,
     terminate_backends,
 )
-from ansible_collections.pgops.dbrestore.plugins.module_utils.standbys import Follow, switch_lsn
+from ansible_collections.pgops.dbrestore.plugins.module_utils.standbys import Follow, discover, switch_lsn
 from ansible_collections.pgops.dbrestore.plugins.module_utils.stream import ServerSource, source_params
 
 # all: the whole restore; stage/switch split it so a set of databases (shards) is switched only
@@ -117,8 +117,19 @@ class Target:
         if self.live_oid is not None:
             checks.can_switch(self.db, req.fallback, req.restart)
             self.op.res.warnings += checks.can_pause(req.pgbouncers, req.pgbouncer_fallback)
-            checks.can_follow(self.op.params, req.standbys)
+            if req.discover_standbys:
+                checks.problems += self._discover_standbys()
+            checks.can_follow(self.op.params, self.op.standbys)
         return checks
+
+    def _discover_standbys(self) -> list[str]:
+        """discover_standbys: the standbys to follow are the ones streaming from the primary now."""
+        op = self.op
+        op.standbys, found = discover(op.conn, op.info.version_num, op.req.standbys)
+        if not op.standbys and not found:
+            op.res.warnings.append("discover_standbys: no standby streams from the primary (pg_stat_replication "
+                                   "is empty); none will follow the switch")  # fmt: skip
+        return found
 
     def _ours(self, oid: int) -> bool:
         row = self.op.conn.execute(
@@ -364,9 +375,9 @@ def _held(pause: Pause) -> Iterator[None]:
 def follow_standbys(op: Operation, old_db: str) -> None:
     """After the switch: each standby replays it, then its sessions on the old copy end (standbys)."""
     req = op.req
-    if not req.standbys:
+    if not op.standbys:
         return
-    follow = Follow(op.params, req.standbys, req.standby_timeout)
+    follow = Follow(op.params, op.standbys, req.standby_timeout)
     try:
         follow.run(switch_lsn(op.conn), old_db, req.db)
     finally:
@@ -375,8 +386,10 @@ def follow_standbys(op: Operation, old_db: str) -> None:
 
 
 def standby_text(op: Operation) -> str:
-    n = len(op.req.standbys)
-    return f"; wait for {n} standby(s) to replay it and end their sessions on the old copy" if n else ""
+    if not op.standbys:
+        return ""
+    return (f"; wait for standby(s) {', '.join(s.address for s in op.standbys)} to replay it and end their sessions "
+            "on the old copy")  # fmt: skip
 
 
 def pause_text(op: Operation) -> str:

@@ -351,14 +351,24 @@ options:
         C(pg_signal_backend) (checked before anything is staged, in check mode too). Needs PostgreSQL 10 or newer.
       - When a standby does not replay the switch within O(standby_timeout), the run fails after the switch
         (C(changed=true)) and says what to run there.
+      - With O(discover_standbys=true) the entries describe how to reach the standbys found on the primary; an entry
+        with a host and no O(standbys[].application_name) is followed as well.
     type: list
     elements: dict
     default: []
     suboptions:
       host:
-        description: The standby's address.
+        description:
+          - The standby's address. Required unless O(discover_standbys=true), where it defaults to the address
+            C(pg_stat_replication) shows for the standby.
         type: str
-        required: true
+      application_name:
+        description:
+          - With O(discover_standbys=true), the standby this entry describes, by the C(application_name) it streams
+            with (C(pg_stat_replication.application_name); C(cluster_name) or C(walreceiver) unless its
+            C(primary_conninfo) sets one). Without an application_name, an entry without host gives the port, user
+            and password of every discovered standby that no other entry names.
+        type: str
       port:
         description: Its port.
         type: int
@@ -374,6 +384,18 @@ options:
       - Seconds to wait for each standby of O(standbys) to replay the switch.
     type: float
     default: 30
+  discover_standbys:
+    description:
+      - Follow every physical standby streaming from the primary, as C(pg_stat_replication) shows them when the run
+        starts (logical walsenders and base backups are left out), reached at the address shown there with the port,
+        user and password of its O(standbys) entry. Preflight (check mode too) lists them in the plan and refuses a
+        standby it cannot reach, an entry whose application_name is not streaming, two standbys that would be
+        reached at the same address, and a login role that cannot see pg_stat_replication's rows (superuser or
+        C(pg_read_all_stats) needed).
+      - Cascading standbys (streaming from another standby) are not in the primary's C(pg_stat_replication): list
+        them in O(standbys) with their host.
+    type: bool
+    default: false
   pgbouncer_fallback:
     description:
       - V(switch) switches without pausing a PgBouncer that cannot be paused (session pooling with connected clients);
@@ -574,14 +596,25 @@ pgbouncer_pause_ms:
     the longest a query through them waited.
   returned: always
   type: int
-  sample: 210
+  sample: 40
+pgbouncer_window_ms:
+  description:
+    - Where the pause of RV(pgbouncer_pause_ms) went, in milliseconds per step (empty without O(pgbouncers)).
+      V(pause) waiting for C(PAUSE) (running transactions), V(close) closing the live database, V(terminate) ending
+      what is left on it, V(keep) carrying O(keep_tables), V(rename) the renames' transaction, V(resume) C(RESUME),
+      V(other) the rest, V(total) the pause.
+    - Everything else (the admin consoles' connections, the guard processes, the lookups) is done before C(PAUSE).
+  returned: always
+  type: dict
+  sample: {pause: 6, close: 2, terminate: 5, rename: 6, resume: 1, other: 8, total: 28}
 standbys:
   description: Per standby of O(standbys), whether it replayed the switch, how far behind it was (bytes) and how long
     it took (ms), and how many sessions on the old copy were ended there.
   returned: always
   type: list
   elements: dict
-  sample: [{address: "10.0.0.9:5432", replayed: true, lag_bytes: 5120, lag_ms: 14, sessions_ended: 8, error: ""}]
+  sample: [{address: "10.0.0.9:5432", application_name: db2, replayed: true, lag_bytes: 5120, lag_ms: 14,
+            sessions_ended: 8, error: ""}]
 pgbouncers:
   description: Per PgBouncer of O(pgbouncers), what happened there.
   returned: always
