@@ -49,6 +49,12 @@ from ansible_collections.pgops.dbrestore.plugins.module_utils.load import (
     restore_into,
     verify,
 )
+from ansible_collections.pgops.dbrestore.plugins.module_utils.logical import (
+    HandOver,
+    Recreate,
+    slots_of,
+    subscriptions_of,
+)
 from ansible_collections.pgops.dbrestore.plugins.module_utils.operation import Operation, Step, pause_point
 from ansible_collections.pgops.dbrestore.plugins.module_utils.parallel import large_tables
 from ansible_collections.pgops.dbrestore.plugins.module_utils.pooler import Pause
@@ -116,6 +122,7 @@ class Target:
         checks = Preflight(self.op.conn, self.op.info).can_record(self.op.registry)
         if self.live_oid is not None:
             checks.can_switch(self.db, req.fallback, req.restart)
+            checks.can_replicate(self.db, req.logical_subscriptions, req.logical_slots)
             self.op.res.warnings += checks.can_pause(req.pgbouncers, req.pgbouncer_fallback)
             if req.discover_standbys:
                 checks.problems += self._discover_standbys()
@@ -370,6 +377,59 @@ def _held(pause: Pause) -> Iterator[None]:
     with pause.held():
         pause_point("pgbouncer-paused")  # no pooled session left, nothing switched yet: the guard's moment
         yield
+
+
+class Logical:
+    """The live database's logical replication through the switch (logical_subscriptions, logical_slots)."""
+
+    def __init__(self, op: Operation) -> None:
+        self.op = op
+        req = op.req
+        self.hand = HandOver(op.params, req.db, req.wait_timeout) if req.logical_subscriptions == "hand_over" else None
+        self.recreate = Recreate(op.params, op.info, req.db, req.wait_timeout) if req.logical_slots == "recreate" \
+            else None  # fmt: skip
+        oid = database_oid(op.conn, req.db)
+        self.subscriptions = [s.name for s in subscriptions_of(op.conn, oid) if s.enabled or s.slot] \
+            if self.hand and oid is not None else []  # fmt: skip
+        self.slots = [s.name for s in slots_of(op.conn, op.info, req.db)] if self.recreate else []
+
+    def text(self) -> str:
+        out = ""
+        if self.subscriptions:
+            out += f"; hand the slots of subscriptions {', '.join(self.subscriptions)} to the restored copy"
+        if self.slots:
+            out += f"; drop the logical slots {', '.join(self.slots)} and create them again on the restored copy"
+        return out
+
+    def prepare(self, incoming_oid: int) -> None:
+        """Before the window: detach the live subscriptions from their slots (given back if the switch fails)."""
+        if self.hand is not None and self.subscriptions:
+            try:
+                self.hand.prepare(self.op.conn, incoming_oid)
+            finally:
+                self.op.res.log += self.hand.log
+                self.hand.log = []
+        if self.recreate is not None:
+            self.recreate.prepare(self.op.conn)
+
+    def give_back(self) -> None:
+        if self.hand is not None:
+            self.hand.give_back()
+            self.op.res.log += self.hand.log
+
+    def finish(self, old_db: str) -> None:
+        """After the switch: the restored copy takes the slots; the slots of the old copy are made again."""
+        res = self.op.res
+        try:
+            if self.hand is not None:
+                self.hand.finish()
+                res.log += self.hand.log
+            if self.recreate is not None:
+                self.recreate.finish(self.op.conn, old_db)
+                res.log += self.recreate.log
+        finally:
+            res.logical = {"subscriptions": self.hand.report if self.hand else [],
+                           "slots": self.recreate.report if self.recreate else []}  # fmt: skip
 
 
 def follow_standbys(op: Operation, old_db: str) -> None:
@@ -687,6 +747,8 @@ def switch_steps(t: Target) -> list[Step]:
     prev = free_name(op.conn, previous_name(t.db, utc_stamp()))
     keep = KeepTables(t)
 
+    logical = Logical(op)
+
     def run() -> None:
         def renames(conn: Any, closure: Closure | None) -> None:
             state = closure.state if closure else BlockState(t.method.name, closed=False)
@@ -710,10 +772,12 @@ def switch_steps(t: Target) -> list[Step]:
             op.res.rollback_sql = rollback_sql(op, t.method, state, prev)
 
         try:
+            logical.prepare(t.staging_oid)  # type: ignore[arg-type]
             close_and_clear(op, t.method, renames, keep.spare_app, paused=True)
         except BaseException:
             keep.close()
             if f"{t.db} -> {prev}" not in op.res.renamed:
+                logical.give_back()
                 _drop_quietly(op, t.staging, t.staging_oid)
             raise
         op.res.previous_db = prev
@@ -723,12 +787,14 @@ def switch_steps(t: Target) -> list[Step]:
             f'switched: "{t.db}" is the restored copy, the old one is "{prev}"; app-visible window '
             f"{op.res.switch_window_ms} ms, {op.res.terminated_count} session(s) ended{paused}"
         )
+        logical.finish(prev)
         follow_standbys(op, prev)
 
     carried = f", carry the live rows of {', '.join(str(x) for x in keep.tables)}" if keep.tables else ""
     text = (
         pause_text(op)
         + f'close and clear "{t.db}" ({t.method.name}){carried}, rename it to "{prev}" and "{t.staging}" to "{t.db}"'
+        + logical.text()
         + standby_text(op)
     )
     return [*keep.steps(), Step("switch", text, run),
@@ -786,6 +852,7 @@ class Rollback:
         op.res.previous_db = prev.name
         op.res.marker_before = op.registry.marker(t.live_oid)
         back = block_method(prev.block_state.method)
+        logical = Logical(op)
 
         def run() -> None:
             # the previous copy is closed since it was switched out: if we die after the rename, it reopens
@@ -794,7 +861,13 @@ class Rollback:
                 if t.live_oid is None:
                     renames(op.conn, None)
                 else:
-                    close_and_clear(op, t.method, renames, paused=True)
+                    logical.prepare(prev.oid)
+                    try:
+                        close_and_clear(op, t.method, renames, paused=True)
+                    except BaseException:
+                        if f"{t.db} -> {undone}" not in op.res.renamed:
+                            logical.give_back()
+                        raise
             finally:
                 guard.release()
 
@@ -822,6 +895,7 @@ class Rollback:
             kept = f'the replaced one is kept as "{undone}"' if t.live_oid is not None else "nothing was replaced"
             op.res.log.append(f'rolled back: "{t.db}" is again the copy from before the restore; {kept}')
             if t.live_oid is not None:
+                logical.finish(undone)
                 follow_standbys(op, undone)
 
         text = pause_text(op) + f'close and clear "{t.db}", rename it to "{undone}", ' if t.live_oid is not None else ""
@@ -831,6 +905,7 @@ class Rollback:
                 "switch",
                 text
                 + f'rename "{prev.name}" to "{t.db}" and reopen it'
+                + (logical.text() if t.live_oid is not None else "")
                 + (standby_text(op) if t.live_oid is not None else ""),
                 lambda: (run(), report()),
             ),

@@ -691,6 +691,7 @@ from ansible.module_utils.basic import AnsibleModule, missing_required_lib
 
 from ansible_collections.pgops.dbrestore.plugins.module_utils.blocking import CHOICES as BLOCK_CHOICES
 from ansible_collections.pgops.dbrestore.plugins.module_utils.blocking import block_argument_spec
+from ansible_collections.pgops.dbrestore.plugins.module_utils.logical import logical_argument_spec
 from ansible_collections.pgops.dbrestore.plugins.module_utils.pooler import pgbouncers_argument_spec
 from ansible_collections.pgops.dbrestore.plugins.module_utils.postgres import (
     PSYCOPG_IMPORT_ERROR,
@@ -758,6 +759,7 @@ def main() -> None:
     argument_spec.update(block_argument_spec(BLOCK_CHOICES, default="allow_connections"))
     argument_spec.update(pgbouncers_argument_spec())
     argument_spec.update(standbys_argument_spec())
+    argument_spec.update(logical_argument_spec())
     module = AnsibleModule(
         argument_spec=argument_spec, mutually_exclusive=[["src", "source"]], supports_check_mode=True
     )
