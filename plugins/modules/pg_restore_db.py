@@ -396,6 +396,37 @@ options:
         them in O(standbys) with their host.
     type: bool
     default: false
+  logical_subscriptions:
+    description:
+      - What to do with enabled subscriptions of the live database (it subscribes to a publisher). A rename leaves
+        them streaming into the old copy.
+      - V(refuse) (default) refuses the run before anything is staged, in check mode too, naming them.
+      - V(hand_over) hands each subscription's slot on the publisher to the restored copy's subscription of the same
+        name (pg_dump, run by a superuser, writes it disabled with C(connect = false)). Before the switch the live
+        copy's subscriptions are disabled (their workers have exited) and detached from their slots
+        (C(SET (slot_name = NONE))); after it the restored copy's take the slots, are enabled where the live ones were,
+        and learn the publication's tables (C(REFRESH PUBLICATION WITH (copy_data = false))): they apply what the
+        publisher writes from the moment the live copy stopped, on top of the restored data. Nothing is copied again
+        and nothing is lost on the publisher. A switch that fails gives the slots back. The old copy keeps its
+        subscriptions disabled and without slot (so a rollback hands them back the same way, and dropping the copy
+        touches nothing on the publisher). Needs a superuser login.
+      - Disabled subscriptions are not refused; the restored copy has them as dumped (disabled).
+    type: str
+    choices: [ refuse, hand_over ]
+    default: refuse
+  logical_slots:
+    description:
+      - What to do with logical replication slots of the live database (it publishes). A rename leaves them with the
+        old copy, which they keep from being dropped.
+      - V(refuse) (default) refuses the run before anything is staged, in check mode too, naming them.
+      - V(recreate), after the switch, ends the walsender streaming from each slot, drops it and creates it again
+        with the same name, plugin and two_phase on the restored copy. Its consumer then reads what the restored copy
+        writes from the switch on. What the old copy wrote that the consumer had not read yet is lost, and the
+        restored data itself is not sent: a subscriber keeps its old rows and must copy the tables again if it has to
+        match the restored data. Needs a superuser or a role with REPLICATION.
+    type: str
+    choices: [ refuse, recreate ]
+    default: refuse
   pgbouncer_fallback:
     description:
       - V(switch) switches without pausing a PgBouncer that cannot be paused (session pooling with connected clients);
@@ -607,6 +638,14 @@ pgbouncer_window_ms:
   returned: always
   type: dict
   sample: {pause: 6, close: 2, terminate: 5, rename: 6, resume: 1, other: 8, total: 28}
+logical:
+  description:
+    - With O(logical_subscriptions=hand_over), the subscriptions handed over (name, slot, enabled); with
+      O(logical_slots=recreate), the slots recreated (name, plugin, lsn where the new slot starts).
+  returned: always
+  type: dict
+  sample: {subscriptions: [{name: orders_sub, slot: orders_sub, enabled: true}],
+           slots: [{name: reporting, plugin: pgoutput, lsn: "0/3000148"}]}
 standbys:
   description: Per standby of O(standbys), whether it replayed the switch, how far behind it was (bytes) and how long
     it took (ms), and how many sessions on the old copy were ended there.
