@@ -392,7 +392,7 @@ options:
         standby it cannot reach, an entry whose application_name is not streaming, two standbys that would be
         reached at the same address, and a login role that cannot see pg_stat_replication's rows (superuser or
         C(pg_read_all_stats) needed).
-      - Cascading standbys (streaming from another standby) are not in the primary's C(pg_stat_replication): list
+      - Cascading standbys (streaming from another standby) are not in the primary's C(pg_stat_replication), so list
         them in O(standbys) with their host.
     type: bool
     default: false
@@ -405,7 +405,7 @@ options:
         name (pg_dump, run by a superuser, writes it disabled with C(connect = false)). Before the switch the live
         copy's subscriptions are disabled (their workers have exited) and detached from their slots
         (C(SET (slot_name = NONE))); after it the restored copy's take the slots, are enabled where the live ones were,
-        and learn the publication's tables (C(REFRESH PUBLICATION WITH (copy_data = false))): they apply what the
+        and learn the publication's tables (C(REFRESH PUBLICATION WITH (copy_data = false))), so they apply what the
         publisher writes from the moment the live copy stopped, on top of the restored data. Nothing is copied again
         and nothing is lost on the publisher. A switch that fails gives the slots back. The old copy keeps its
         subscriptions disabled and without slot (so a rollback hands them back the same way, and dropping the copy
@@ -422,7 +422,7 @@ options:
       - V(recreate), after the switch, ends the walsender streaming from each slot, drops it and creates it again
         with the same name, plugin and two_phase on the restored copy. Its consumer then reads what the restored copy
         writes from the switch on. What the old copy wrote that the consumer had not read yet is lost, and the
-        restored data itself is not sent: a subscriber keeps its old rows and must copy the tables again if it has to
+        restored data itself is not sent, so a subscriber keeps its old rows and must copy the tables again if it has to
         match the restored data. Needs a superuser or a role with REPLICATION.
     type: str
     choices: [ refuse, recreate ]

@@ -121,6 +121,8 @@ def test_subscription_and_slot_follow_the_switch(publisher: PgServer, subscriber
         restore(publisher, SRC, pub_dump, check_mode=True, force=True)
     [problem] = err.value.details["problems"]
     assert "logical replication slots sub" in problem and "logical_slots=recreate" in problem
+    checked = restore(publisher, SRC, pub_dump, check_mode=True, force=True, logical_slots="recreate")
+    assert any("drop the logical slots sub and create them again on the restored copy" in s for s in checked.plan)
     res3 = restore(publisher, SRC, pub_dump, force=True, logical_slots="recreate")
     [slot] = res3.logical["slots"]
     assert slot["name"] == "sub" and slot["plugin"] == "pgoutput"
