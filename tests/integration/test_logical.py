@@ -115,6 +115,12 @@ def test_subscription_and_slot_follow_the_switch(publisher: PgServer, subscriber
     wait_for(lambda: values(pg, LIVE) == ["one", "four"], "the restored copy streamed 'four'")
     assert publisher.sql("SELECT slot_name FROM pg_replication_slots") == [("sub",)]
 
+    # a rollback hands the slot back to the copy it puts in place, the same way
+    back = restore_database(pg.params(), RestoreRequest(db=LIVE, rollback=True, logical_subscriptions="hand_over"))
+    assert back.logical["subscriptions"] == [{"name": "sub", "slot": "sub", "enabled": True}]
+    publisher.sql("INSERT INTO t (v) VALUES ('back')", dbname=SRC)
+    wait_for(lambda: values(pg, LIVE) == ["one", "three", "back"], "the rolled-back copy streamed 'back'")
+
     # the publishing database: its slot (the subscriber's) is refused, or recreated on the restored copy
     pub_dump = dump(publisher, SRC, tmp_path / "pub.dump")
     with pytest.raises(PgOpsError) as err:
