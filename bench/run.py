@@ -81,6 +81,10 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
+# what a run's result contributes to the bench's rows
+KEPT = ("changed", "switch_window_ms", "phases_ms", "pgbouncer_pause_ms", "pgbouncer_window_ms", "switched_at")
+
+
 def timed(fn: Callable[..., dict | None], *args: object) -> dict:
     """Run one operation: its seconds, or the failure a user would see (never both)."""
     t = time.monotonic()
@@ -88,7 +92,7 @@ def timed(fn: Callable[..., dict | None], *args: object) -> dict:
         out = fn(*args) or {}
     except (psycopg.Error, PgOpsError, Failed) as exc:
         return {"ok": False, "s": time.monotonic() - t, "error": " ".join(str(exc).split())}
-    keep = {k: out[k] for k in ("changed", "switch_window_ms", "phases_ms", "pgbouncer_pause_ms") if k in out}
+    keep = {k: out[k] for k in KEPT if k in out}
     return {"ok": True, "s": time.monotonic() - t, **keep}
 
 
@@ -308,11 +312,16 @@ def bench_pgbouncer(pg: PgServer, plan: Plan, work: Path) -> list[dict]:
                         probe.wait_all_read(1, timeout=60)
                     except TimeoutError:
                         r.update(ok=False, error="the clients could not query the restored database within 60 s")
+                # the switch: from PAUSE (or the close, without pgbouncers) to a second after the renames
+                window = (r.get("pgbouncer_pause_ms") or r.get("switch_window_ms") or 0) / 1000
+                at = r.get("switched_at") or 0
                 seen = {"failed_queries": probe.failed, "queries": probe.queries, "longest_ms": round(probe.longest_ms),
+                        "switch_longest_ms": round(probe.longest_between(at - window - 0.05, at + 1)) if at else None,
                         "first_error": (probe.errors or [""])[0]}  # fmt: skip
                 rows.append({"method": method, "trial": trial, **seen, **r})
                 log(f"pgbouncer trial {trial}: {method}: {probe.failed} failed of {probe.queries} queries, longest "
-                    f"{probe.longest_ms:.0f} ms")  # fmt: skip
+                    f"{probe.longest_ms:.0f} ms ({seen['switch_longest_ms']} ms in the switch), PgBouncer paused "
+                    f"{r.get('pgbouncer_window_ms') or '-'}")  # fmt: skip
     finally:
         bouncer.stop()
         for (name,) in pg.sql("SELECT datname FROM pg_database WHERE datname LIKE %s", (f"{POOLED_DB}%",)):

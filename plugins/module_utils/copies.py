@@ -11,10 +11,12 @@ from datetime import datetime, timezone
 from typing import Any
 
 from ansible_collections.pgops.dbrestore.plugins.module_utils.blocking import best_method, grant_sql, read_acl
+from ansible_collections.pgops.dbrestore.plugins.module_utils.logical import drop_subscriptions
 from ansible_collections.pgops.dbrestore.plugins.module_utils.postgres import (
     ConnParams,
     PgOpsError,
     ServerInfo,
+    connect,
     execute,
     ident,
     sql,
@@ -161,6 +163,9 @@ def drop_database(params: ConnParams, info: ServerInfo, name: str, wait_timeout:
     def drop(conn: Any, _closure: object) -> None:
         execute(conn, sql.SQL("DROP DATABASE {}").format(ident(name)), f'cannot drop "{name}"')
 
+    if info.version_num >= 100000:  # a database with subscriptions cannot be dropped
+        with connect(params) as conn:
+            drop_subscriptions(params, conn, name, wait_timeout)
     method = best_method(info, "allow_connections").name
     request = ClearRequest(db=name, state="blocked", block=method, wait_timeout=wait_timeout, record_block=False)
     clear_sessions(params, request, on_cleared=drop)

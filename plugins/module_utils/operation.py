@@ -82,6 +82,7 @@ class Operation:
         self.res.server_version = self.info.version
         self.registry = Registry(self.conn)
         self.res.warnings += self.registry.warnings
+        self.standbys = tuple(getattr(req, "standbys", ()))  # followed after the switch; discovery may add some
         self.closers: list[Callable[[], None]] = []  # open files and the like, closed by finish()
         progress_dir = getattr(req, "progress_dir", None)
         path = progress_path(progress_dir, req.db) if progress_dir and not check_mode else None

@@ -37,6 +37,7 @@ DEFAULT_PORT = 6432
 CONNECTION_FAILURE = "08006"
 PAUSE_TIMED_OUT = QUERY_CANCELED
 NOT_PAUSABLE = "55000"
+LOGIN_WAIT_SECONDS = 1.0  # how long PAUSE waits for a server login of the pool to finish
 
 
 def pgbouncers_argument_spec() -> dict[str, dict[str, Any]]:
@@ -99,6 +100,7 @@ class Pooler:
             "dbname": "pgbouncer",
             "connect_timeout": self.connect_timeout,
             "application_name": "pgops.dbrestore",
+            "prepare_threshold": None,  # the console speaks the simple protocol only: never prepare a repeated SHOW
         }
         if self.password:
             kw["password"] = self.password
@@ -184,17 +186,24 @@ class PauseReport:
 
 @dataclass
 class Pause:
-    """PAUSE on every pooler (sent together, bounded by timeout), RESUME on every path out."""
+    """PAUSE on every pooler (sent together, bounded by timeout), RESUME on every path out.
+
+    Everything that can be done before the pause is: the admin consoles are connected and inspected
+    and the guard is started first; RESUME goes over the connection that sent PAUSE. So the clients
+    wait only for PAUSE itself, the body (the switch) and one RESUME round trip.
+    """
 
     poolers: Sequence[Pooler]
     timeout: float
     fallback: str = "none"
     reports: list[PauseReport] = field(default_factory=list)
     pause_ms: int = 0
+    window_ms: dict[str, int] = field(default_factory=dict)  # where the pause went: pause (drain), resume
     log: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     _started: float = 0.0
     _sent: list[Pooler] = field(default_factory=list)
+    _conns: dict[int, Any] = field(default_factory=dict)  # id(pooler) -> its admin console, kept for RESUME
 
     @contextmanager
     def held(self) -> Iterator[None]:
@@ -202,11 +211,15 @@ class Pause:
         guard = ResumeGuard([p.guard_target() for p in self.poolers])
         ok = False
         try:
-            self._pause()
+            conns = self._prepare()
+            self._pause(conns)
             yield
             ok = True
         finally:
             resumed = self._resume()
+            for conn in self._conns.values():
+                conn.close()
+            self._conns = {}
             if resumed:
                 guard.release()
             else:  # let the guard keep trying
@@ -219,33 +232,36 @@ class Pause:
                     sqlstate=CONNECTION_FAILURE,
                 )
 
-    def _pause(self) -> None:
+    def _prepare(self) -> list[tuple[Pooler, PauseReport, Any]]:
+        """Before the pause: connect to each admin console and decide which pools to pause."""
         conns: list[tuple[Pooler, PauseReport, Any]] = []
-        try:
-            for p in self.poolers:
-                report = PauseReport(p.address, p.database)
-                self.reports.append(report)
-                conn = p.connect()
-                state = inspect(conn, p.database)
-                if state.held_sessions and self.fallback == "switch":
-                    report.skipped = f"session pooling with {state.held_sessions} client(s) holding a session"
-                elif state.held_sessions:
-                    raise PgOpsError(problems([p], self.fallback)[0][0], sqlstate=NOT_PAUSABLE)
-                elif not state.known:
-                    report.skipped = "no client uses this database through it yet"
-                if report.skipped:
-                    self.warnings.append(f"PgBouncer at {p.address} was not paused: {report.skipped}")
-                    conn.close()
-                    continue
-                conns.append((p, report, conn))
-            self._started = time.monotonic()
-            for p, _report, conn in conns:
-                conn.pgconn.send_query(f"PAUSE {quote(p.database)}".encode())
-                self._sent.append(p)
-            self._wait(conns)
-        finally:
-            for _p, _r, conn in conns:
-                conn.close()
+        for p in self.poolers:
+            report = PauseReport(p.address, p.database)
+            self.reports.append(report)
+            conn = p.connect()
+            self._conns[id(p)] = conn
+            state = inspect(conn, p.database)
+            if state.held_sessions and self.fallback == "switch":
+                report.skipped = f"session pooling with {state.held_sessions} client(s) holding a session"
+            elif state.held_sessions:
+                raise PgOpsError(problems([p], self.fallback)[0][0], sqlstate=NOT_PAUSABLE)
+            elif not state.known:
+                report.skipped = "no client uses this database through it yet"
+            if report.skipped:
+                self.warnings.append(f"PgBouncer at {p.address} was not paused: {report.skipped}")
+                continue
+            conns.append((p, report, conn))
+        return conns
+
+    def _pause(self, conns: list[tuple[Pooler, PauseReport, Any]]) -> None:
+        for p, _report, conn in conns:
+            _no_login_running(conn, p.database, min(self.timeout, LOGIN_WAIT_SECONDS))
+        self._started = time.monotonic()
+        for p, _report, conn in conns:
+            conn.pgconn.send_query(f"PAUSE {quote(p.database)}".encode())
+            self._sent.append(p)
+        self._wait(conns)
+        self.window_ms["pause"] = int((time.monotonic() - self._started) * 1000)
 
     def _wait(self, conns: list[tuple[Pooler, PauseReport, Any]]) -> None:
         deadline = self._started + self.timeout
@@ -284,20 +300,52 @@ class Pause:
                 select.select([c.pgconn.socket for _p, _r, c in waiting], [], [], min(left, 0.5))
 
     def _resume(self) -> bool:
-        """RESUME every pooler PAUSE was sent to (a PAUSE still waiting counts); True when all are resumed."""
+        """RESUME every pooler PAUSE was sent to (a PAUSE still waiting counts); True when all are resumed.
+
+        Where PAUSE finished, RESUME goes over the same console at once; elsewhere (PAUSE still waiting,
+        the console lost) over a new connection, after SHOW DATABASES says it is still paused.
+        """
         ok = True
+        t = time.monotonic()
         for p in self._sent:
             report = next(r for r in self.reports if r.address == p.address and r.database == p.database)
             try:
-                with p.connect() as conn:
-                    if inspect(conn, p.database).paused:
-                        conn.execute(f"RESUME {quote(p.database)}")
+                conn = self._conns.get(id(p))
+                if report.paused and conn is not None and not conn.closed:
+                    conn.execute(f"RESUME {quote(p.database)}")
+                else:
+                    with p.connect() as fresh:
+                        if inspect(fresh, p.database).paused:
+                            fresh.execute(f"RESUME {quote(p.database)}")
                 report.resumed = True
-                self.log.append(f'resumed "{p.database}" on PgBouncer at {p.address}')
             except (PgOpsError, psycopg.Error) as exc:
-                ok = False
-                self.warnings.append(f"RESUME on PgBouncer at {p.address} failed: {one_line(exc)}")
+                try:  # the kept console failed: one more try on a new one
+                    with p.connect() as fresh:
+                        if inspect(fresh, p.database).paused:
+                            fresh.execute(f"RESUME {quote(p.database)}")
+                    report.resumed = True
+                except (PgOpsError, psycopg.Error):
+                    ok = False
+                    self.warnings.append(f"RESUME on PgBouncer at {p.address} failed: {one_line(exc)}")
         if self._sent:
             self.pause_ms = int((time.monotonic() - self._started) * 1000)
+            self.window_ms["resume"] = int((time.monotonic() - t) * 1000)
+            self.log += [f'resumed "{p.database}" on PgBouncer at {p.address}' for p in self._sent
+                         if any(r.resumed for r in self.reports if r.address == p.address)]  # fmt: skip
         self._sent = []
         return ok
+
+
+def _no_login_running(conn: Any, alias: str, wait: float) -> None:
+    """Wait (up to `wait` s) until no server login of the pool is in progress.
+
+    PAUSE closes a server connection still logging in, and PgBouncer counts that as a failed login:
+    after RESUME it opens no server connection for server_login_retry (15 s by default), and every
+    paused client waits that long. A pool that is growing has a login in progress for a few ms at a
+    time; PAUSE is sent once none is.
+    """
+    deadline = time.monotonic() + wait
+    while any(int(r.get("sv_login") or 0) for r in _rows(conn, "SHOW POOLS") if r["database"] == alias):
+        if time.monotonic() > deadline:
+            return  # PAUSE anyway: RESUME still comes, only later for the clients
+        time.sleep(0.002)

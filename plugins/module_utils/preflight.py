@@ -14,6 +14,7 @@ import subprocess
 from typing import Any
 
 from ansible_collections.pgops.dbrestore.plugins.module_utils.dumpfile import DumpSource
+from ansible_collections.pgops.dbrestore.plugins.module_utils.logical import problems as logical_problems
 from ansible_collections.pgops.dbrestore.plugins.module_utils.pooler import Pooler
 from ansible_collections.pgops.dbrestore.plugins.module_utils.pooler import problems as pooler_problems
 from ansible_collections.pgops.dbrestore.plugins.module_utils.postgres import ConnParams, PgOpsError, ServerInfo
@@ -143,6 +144,11 @@ class Preflight:
         self.problems += found
         return notes
 
+    def can_replicate(self, db: str, subscriptions: str, slots: str) -> Preflight:
+        """Logical replication of the live database: refused unless logical_subscriptions / logical_slots say how."""
+        self.problems += logical_problems(self.conn, self.info, db, subscriptions, slots)
+        return self
+
     def can_follow(self, params: ConnParams, standbys: tuple[Standby, ...]) -> Preflight:
         """Each standby answers, is in recovery, and lets the login role end sessions there."""
         self.problems += standby_problems(params, self.info.version_num, standbys)
@@ -213,12 +219,4 @@ class Preflight:
 _BLOCKERS = (
     ("prepared transactions", "SELECT gid FROM pg_catalog.pg_prepared_xacts WHERE database = %s ORDER BY 1",
      "finish them first (COMMIT PREPARED or ROLLBACK PREPARED '<gid>')"),
-    ("logical replication slots",
-     "SELECT slot_name FROM pg_catalog.pg_replication_slots WHERE database = %s ORDER BY 1",
-     "they would stay with the old copy and keep it from being dropped: drop them "
-     "(SELECT pg_drop_replication_slot('<name>')) and recreate them on the restored database"),
-    ("subscriptions",
-     "SELECT s.subname FROM pg_catalog.pg_subscription s JOIN pg_catalog.pg_database d ON d.oid = s.subdbid "
-     "WHERE d.datname = %s ORDER BY 1",
-     "they would stay with the old copy: ALTER SUBSCRIPTION … DISABLE and DROP SUBSCRIPTION first, recreate after"),
 )  # fmt: skip

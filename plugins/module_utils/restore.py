@@ -15,6 +15,7 @@ from typing import Any
 
 from ansible_collections.pgops.dbrestore.plugins.module_utils.blocking import CHOICES as BLOCK_CHOICES
 from ansible_collections.pgops.dbrestore.plugins.module_utils.keep import not_supported, parse_tables
+from ansible_collections.pgops.dbrestore.plugins.module_utils.logical import SLOT_CHOICES, SUBSCRIPTION_CHOICES
 from ansible_collections.pgops.dbrestore.plugins.module_utils.operation import Operation
 from ansible_collections.pgops.dbrestore.plugins.module_utils.pooler import FALLBACKS as POOLER_FALLBACKS
 from ansible_collections.pgops.dbrestore.plugins.module_utils.pooler import Pooler
@@ -24,7 +25,7 @@ from ansible_collections.pgops.dbrestore.plugins.module_utils.restart import (
     RestartSpec,
     restart_spec_from_params,
 )
-from ansible_collections.pgops.dbrestore.plugins.module_utils.standbys import Standby
+from ansible_collections.pgops.dbrestore.plugins.module_utils.standbys import Standby, entry_problems
 from ansible_collections.pgops.dbrestore.plugins.module_utils.strategies import (
     PHASES,
     STRATEGIES,
@@ -68,6 +69,9 @@ class RestoreRequest:
     pgbouncer_fallback: str = "none"
     standbys: tuple[Standby, ...] = ()  # followed after the switch (dicts of Standby's fields are taken too)
     standby_timeout: float = 30
+    discover_standbys: bool = False  # follow the standbys pg_stat_replication shows (standbys: how to reach them)
+    logical_subscriptions: str = "refuse"  # or hand_over (logical.py)
+    logical_slots: str = "refuse"  # or recreate (logical.py)
     verify_checksum: str = "identity"
     progress_dir: str | None = None  # where the progress file of the run is kept (progress.py); None: nowhere
     keep_tables: tuple[str, ...] = ()  # tables whose live rows the switch carries into the restored copy (keep.py)
@@ -106,6 +110,9 @@ class RestoreRequest:
             pgbouncer_fallback=p.get("pgbouncer_fallback") or "none",
             standbys=tuple(Standby.from_params(s) for s in p.get("standbys") or ()),
             standby_timeout=p.get("standby_timeout", 30),
+            discover_standbys=bool(p.get("discover_standbys")),
+            logical_subscriptions=p.get("logical_subscriptions") or "refuse",
+            logical_slots=p.get("logical_slots") or "refuse",
             verify_checksum=p.get("verify_checksum") or "identity",
             progress_dir=p.get("progress_dir"),
             keep_tables=tuple(p.get("keep_tables") or ()),
@@ -117,7 +124,10 @@ class RestoreRequest:
         self.standbys = tuple(s if isinstance(s, Standby) else Standby.from_params(s) for s in self.standbys)
         if self.standby_timeout <= 0:
             raise PgOpsError("standby_timeout must be more than 0 seconds")
-        if self.standbys and self.strategy == "replace" and not self.rollback:
+        bad = entry_problems(self.standbys, self.discover_standbys)
+        if bad:
+            raise PgOpsError("; ".join(bad))
+        if (self.standbys or self.discover_standbys) and self.strategy == "replace" and not self.rollback:
             raise PgOpsError(
                 "standbys follows a swap's rename; strategy=replace drops the database, which ends the "
                 "standbys' sessions itself: leave standbys out"
@@ -131,6 +141,11 @@ class RestoreRequest:
                 "pgbouncers pauses PgBouncer around a swap's short switch; strategy=replace keeps the "
                 "database away for the whole restore: use strategy=swap, or leave pgbouncers out"
             )
+        if self.logical_subscriptions not in SUBSCRIPTION_CHOICES:
+            raise PgOpsError(f"logical_subscriptions must be one of {list(SUBSCRIPTION_CHOICES)}, "
+                             f"not {self.logical_subscriptions!r}")  # fmt: skip
+        if self.logical_slots not in SLOT_CHOICES:
+            raise PgOpsError(f"logical_slots must be one of {list(SLOT_CHOICES)}, not {self.logical_slots!r}")
         if self.pgbouncer_pause_timeout <= 0:
             raise PgOpsError("pgbouncer_pause_timeout must be more than 0 seconds")
         if self.strategy not in STRATEGIES:
@@ -207,7 +222,9 @@ class RestoreResult:
     restarted: bool = False
     switch_window_ms: int = 0
     pgbouncer_pause_ms: int = 0  # PAUSE sent to RESUME done: how long clients behind PgBouncer waited at most
+    pgbouncer_window_ms: dict[str, int] = field(default_factory=dict)  # where the pause went, per step
     pgbouncers: list[dict] = field(default_factory=list)
+    logical: dict[str, list] = field(default_factory=dict)  # subscriptions handed over, slots recreated
     standbys: list[dict] = field(default_factory=list)  # per standby: replayed, lag_bytes, lag_ms, sessions_ended
     switched_at: float = 0.0  # UNIX time the renames committed (0: no switch), for the spread of a set
     kept_tables: dict[str, Any] = field(default_factory=dict)  # keep_tables: rows carried per table, ms in the window

@@ -13,6 +13,7 @@ import fnmatch
 import ipaddress
 import time
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -55,8 +56,8 @@ STATES = (
 BLOCK_CHOICES = ("none", *METHOD_CHOICES)
 TARGET_STATES = ("terminated", "blocked", "allowed")
 
-# How long a clear database must stay clear: a backend that passed the connection check just
-# before the block took effect shows up in pg_stat_activity a moment later.
+# How long a clear database left open must stay clear: a backend that was logging in shows up in
+# pg_stat_activity a moment later (a closed one is checked exactly: _terminate_loop).
 SETTLE_SECONDS = 0.15
 POLL_SECONDS = 0.05
 
@@ -134,6 +135,9 @@ class ClearRequest:
     # state=blocked remembers what it took in our records, so that state=allowed gives exactly that
     # back; a caller that renames the closed database away (the switch) records it itself
     record_block: bool = True
+    # sessions already on their way out (PgBouncer closed its server connections at PAUSE): seconds they get
+    # to exit on their own before what is left is ended and reported
+    exit_grace: float = 0.0
 
     @classmethod
     def from_params(cls, p: dict[str, Any]) -> ClearRequest:
@@ -289,12 +293,17 @@ class Closure:
         self.taken = False
         self.guard: BlockGuard | None = None
 
+    def arm(self, conn: Any) -> None:
+        """Start the guard (a child process: slow enough to be worth starting before a window)."""
+        if self.guard is None and not self.state.closed:
+            reopen = [stmt.as_string(conn) for stmt in self.method.open_sql(self.db, self.state)]
+            self.guard = BlockGuard(self.params, self.db, reopen)
+
     def close(self, conn: Any) -> bool:
         """Close the database; False when it was closed already (then nothing is taken or given back)."""
         if self.state.closed:
             return False
-        reopen = [stmt.as_string(conn) for stmt in self.method.open_sql(self.db, self.state)]
-        self.guard = BlockGuard(self.params, self.db, reopen)
+        self.arm(conn)
         self.method.close(conn, self.db, self.state)
         self.taken = True
         if not self.method.snapshot(conn, self.db).closed:
@@ -335,12 +344,17 @@ def clear_sessions(
     *,
     check_mode: bool = False,
     on_cleared: Callable[[Any, Closure | None], None] | None = None,
+    hold: Callable[[], AbstractContextManager[Any]] | None = None,
 ) -> ClearResult:
     """Close (optionally), end every matching session of req.db and wait until none is left.
 
     on_cleared runs on the maintenance connection while the database is still closed and empty
     (pg_restore_db renames databases there). Whatever this call closed is given back if
     anything fails, and by the guard if this process is killed.
+
+    hold: a context (PgBouncer paused) entered once everything is ready (connected, looked up, the
+    guard started) right before the database is closed, and left once on_cleared ran; on a failure
+    inside it, the database is reopened before it is left.
     """
     phases = Phases()
     res = ClearResult(block_method=req.block)
@@ -386,40 +400,51 @@ def clear_sessions(
             res.log.append(f'check mode: would end {len(matching)} session(s) on "{req.db}" with {res.method}')
             return res
 
+        # what revoke_connect takes must be recorded for state=allowed: a role that cannot record stops here
+        remember = closure is not None and ends_blocked and req.record_block and closure.method.name == "revoke_connect"
+        if remember:
+            registry.ensure()
         if closure is not None:
-            # what revoke_connect takes must be recorded for state=allowed: a role that cannot record stops here
-            remember = ends_blocked and req.record_block and closure.method.name == "revoke_connect"
-            if remember:
-                registry.ensure()
-            t = time.monotonic()
-            if closure.close(conn):
-                res.changed = True
-                phases.add("block", t)
-                res.log.append(f'closed "{req.db}" to new connections ({req.block})')
-                if remember:
-                    registry.set_block(oid, req.db, closure.state)
+            closure.arm(conn)  # the guard's child process starts before the window, not in it
+        window = hold() if hold is not None else nullcontext()
+        with window:
+            try:
+                if closure is not None:
+                    t = time.monotonic()
+                    if closure.close(conn):
+                        res.changed = True
+                        phases.add("block", t)
+                        res.log.append(f'closed "{req.db}" to new connections ({req.block})')
+                        if remember:
+                            registry.set_block(oid, req.db, closure.state)  # type: ignore[union-attr]
 
-        if use_restart:
-            t = time.monotonic()
-            conn.close()
-            res.terminated = [s.report() for s in matching]
-            res.restart_command = restart_server(req.restart)  # type: ignore[arg-type]
-            res.restarted = True
-            res.changed = True
-            conn = wait_for_server(params, req.wait_timeout)
-            phases.add("restart", t)
-            res.log.append(f"restarted PostgreSQL with {' '.join(res.restart_command)} ({phases.ms['restart']} ms)")
+                if use_restart:
+                    t = time.monotonic()
+                    conn.close()
+                    res.terminated = [s.report() for s in matching]
+                    res.restart_command = restart_server(req.restart)  # type: ignore[arg-type]
+                    res.restarted = True
+                    res.changed = True
+                    conn = wait_for_server(params, req.wait_timeout)
+                    phases.add("restart", t)
+                    res.log.append(
+                        f"restarted PostgreSQL with {' '.join(res.restart_command)} ({phases.ms['restart']} ms)"
+                    )
 
-        t = time.monotonic()
-        ended = _terminate_until_clear(conn, info, req, res)
-        phases.add("terminate", t)
-        if ended:
-            res.log.append(f'terminated {ended} session(s) on "{req.db}" in {phases.ms["terminate"]} ms')
+                t = time.monotonic()
+                ended = _terminate_until_clear(conn, info, req, res, oid)
+                phases.add("terminate", t)
+                if ended:
+                    res.log.append(f'terminated {ended} session(s) on "{req.db}" in {phases.ms["terminate"]} ms')
 
-        if on_cleared is not None:
-            t = time.monotonic()
-            on_cleared(conn, closure)
-            phases.add("on_cleared", t)
+                if on_cleared is not None:
+                    t = time.monotonic()
+                    on_cleared(conn, closure)
+                    phases.add("on_cleared", t)
+            except BaseException:
+                if closure is not None:  # before the hold ends: PgBouncer's clients find it open again
+                    closure.reopen_quietly()
+                raise
 
         if closure is not None and closure.taken and not ends_blocked:
             t = time.monotonic()
@@ -469,32 +494,64 @@ def _allow(conn: Any, info: ServerInfo, registry: Registry, oid: int, req: Clear
         registry.clear_block(oid)
 
 
-def _terminate_until_clear(conn: Any, info: ServerInfo, req: ClearRequest, res: ClearResult) -> int:
-    """Terminate matching sessions until none is left for SETTLE_SECONDS, or fail at wait_timeout."""
+def _terminate_until_clear(conn: Any, info: ServerInfo, req: ClearRequest, res: ClearResult, oid: int) -> int:
+    """Terminate matching sessions until none is left (and none is logging in), or fail at wait_timeout."""
     deadline = time.monotonic() + req.wait_timeout
     seen: dict[tuple[int, str | None], Session] = {}
     try:
-        return _terminate_loop(conn, info, req, res, deadline, seen)
+        return _terminate_loop(conn, info, req, res, deadline, seen, oid)
     finally:
         # recorded even when the loop fails, so the caller sees what was already ended
         res.terminated.extend(s.report() for s in seen.values())
         res.changed = res.changed or bool(seen)
 
 
+def logging_in(conn: Any, oid: int) -> bool:
+    """Whether a backend is logging in to the database: from the moment it counts as connected to it until
+    its startup commits (by then it shows in pg_stat_activity) it holds RowExclusiveLock on the database."""
+    return bool(
+        conn.execute(
+            "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_locks WHERE locktype = 'object' AND database = 0 "
+            "AND classid = 'pg_catalog.pg_database'::pg_catalog.regclass AND objid = %s "
+            "AND mode = 'RowExclusiveLock' AND pid <> pg_catalog.pg_backend_pid())",
+            (oid,),
+        ).fetchone()[0]
+    )
+
+
 def _terminate_loop(
-    conn: Any, info: ServerInfo, req: ClearRequest, res: ClearResult, deadline: float, seen: dict[Any, Session]
-) -> int:
+    conn: Any, info: ServerInfo, req: ClearRequest, res: ClearResult, deadline: float, seen: dict[Any, Session],
+    oid: int,
+) -> int:  # fmt: skip
+    """Closed to everyone (allow_connections), the database is clear as soon as no session is on it and none
+    is logging in (read in that order: a login not seen in pg_locks either fails on the closed database or
+    had shown in pg_stat_activity already), so a switch waits for nothing more. Otherwise (open, or
+    revoke_connect, which superusers pass), or before 10, it must stay clear for SETTLE_SECONDS."""
+    exact = req.block == "allow_connections" and info.version_num >= 100000
+    poll = POLL_SECONDS / 5 if exact else POLL_SECONDS
     quiet_since: float | None = None
+    grace_until = time.monotonic() + req.exit_grace
     while True:
+        starting = exact and logging_in(conn, oid)
         sessions = [s for s in list_sessions(conn, info, req.db) if req.session_filter.matches(s)]
         now = time.monotonic()
         if not sessions:
-            quiet_since = quiet_since or now
-            if now - quiet_since >= SETTLE_SECONDS:
+            if exact and not starting:
                 break
-            time.sleep(POLL_SECONDS)
+            quiet_since = quiet_since or now
+            if not exact and now - quiet_since >= SETTLE_SECONDS:
+                break
+            if exact and now > deadline:
+                raise PgOpsError(
+                    f'a backend kept logging in to "{req.db}" for wait_timeout={req.wait_timeout:g}s although it is '
+                    "closed (SELECT * FROM pg_locks WHERE locktype = 'object' shows it): raise wait_timeout"
+                )
+            time.sleep(poll)
             continue
         quiet_since = None
+        if now < grace_until:
+            time.sleep(poll)
+            continue
         if now > deadline:
             res.remaining = [s.report() for s in sessions]
             raise PgOpsError(
@@ -508,5 +565,5 @@ def _terminate_loop(
         terminate_backends(conn, [s.pid for s in sessions], req.cancel_first)
         for s in sessions:
             seen.setdefault((s.pid, s.backend_start), s)
-        time.sleep(POLL_SECONDS)
+        time.sleep(poll)
     return len(seen)

@@ -37,28 +37,37 @@ def standbys_argument_spec() -> dict[str, dict[str, Any]]:
             elements="dict",
             default=[],
             options=dict(
-                host=dict(type="str", required=True),
+                host=dict(type="str"),
                 port=dict(type="int", default=5432),
                 user=dict(type="str"),
                 password=dict(type="str", no_log=True),
+                application_name=dict(type="str"),
             ),
         ),
         standby_timeout=dict(type="float", default=30),
+        discover_standbys=dict(type="bool", default=False),
     )
 
 
 @dataclass(frozen=True)
 class Standby:
-    """Where a standby listens; the rest of the connection (login_db, TLS, ...) is the primary's."""
+    """Where a standby listens; the rest of the connection (login_db, TLS, ...) is the primary's.
 
-    host: str
+    With discover_standbys an entry may name a standby by the application_name it streams with (as
+    pg_stat_replication shows it) instead of, or besides, its host; an entry with neither gives the
+    port, user and password of every discovered standby no other entry names.
+    """
+
+    host: str = ""  # empty: the address pg_stat_replication shows (discover_standbys)
     port: int = 5432
     user: str | None = None  # default: login_user
     password: str | None = None  # default: login_password
+    application_name: str = ""
 
     @classmethod
     def from_params(cls, p: dict[str, Any]) -> Standby:
-        return cls(host=p["host"], port=int(p.get("port") or 5432), user=p.get("user"), password=p.get("password"))
+        return cls(host=p.get("host") or "", port=int(p.get("port") or 5432), user=p.get("user"),
+                   password=p.get("password"), application_name=p.get("application_name") or "")  # fmt: skip
 
     def params(self, primary: ConnParams) -> ConnParams:
         kw = dict(primary.__dict__, login_host=self.host, login_unix_socket="", login_port=self.port)
@@ -70,7 +79,77 @@ class Standby:
 
     @property
     def address(self) -> str:
-        return f"{self.host}:{self.port}"
+        where = f"{self.host}:{self.port}"
+        return f"{where} ({self.application_name})" if self.application_name else where
+
+
+def entry_problems(entries: tuple[Standby, ...], discover: bool) -> list[str]:
+    """What is wrong with the standbys entries themselves (before any connection)."""
+    if not discover:
+        return [
+            f"the standbys entry for application_name {s.application_name!r} needs a host, or discover_standbys=true"
+            if s.application_name else
+            "a standbys entry without host: give its host, or set discover_standbys=true to find the standbys in "
+            "pg_stat_replication (the entry then gives their port, user and password)"
+            for s in entries if not s.host
+        ]  # fmt: skip
+    found = []
+    if len([s for s in entries if not s.host and not s.application_name]) > 1:
+        found.append("more than one standbys entry has neither host nor application_name: keep one (the port, user "
+                     "and password of the discovered standbys no entry names)")  # fmt: skip
+    names = [s.application_name for s in entries if s.application_name]
+    found += [f"two standbys entries for application_name {n!r}: keep one" for n in sorted(set(names))
+              if names.count(n) > 1]  # fmt: skip
+    return found
+
+
+# physical standbys streaming from the primary: no logical walsender (its slot is logical), no base backup
+_DISCOVER_SQL = (
+    "SELECT r.application_name, pg_catalog.host(r.client_addr), r.state FROM pg_catalog.pg_stat_replication r "
+    "WHERE NOT EXISTS (SELECT 1 FROM pg_catalog.pg_replication_slots s WHERE s.active_pid = r.pid "
+    "AND s.slot_type = 'logical') AND r.state IS DISTINCT FROM 'backup' ORDER BY 1, 2"
+)
+
+
+def discover(conn: Any, version_num: int, entries: tuple[Standby, ...]) -> tuple[tuple[Standby, ...], list[str]]:
+    """discover_standbys: the physical standbys pg_stat_replication shows on the primary, each reached at the
+    address shown there (or its entry's host) with its entry's port, user and password; entries with a host and
+    no application_name are kept as they are. Returns the standbys and the problems found."""
+    if version_num < MIN_VERSION_NUM:
+        return (), ["discover_standbys needs PostgreSQL 10 or newer on the primary: leave it out"]
+    found: list[str] = []
+    fixed = [s for s in entries if s.host and not s.application_name]
+    named = {s.application_name: s for s in entries if s.application_name}
+    default = next((s for s in entries if not s.host and not s.application_name), Standby())
+    standbys: list[Standby] = []
+    rows = conn.execute(_DISCOVER_SQL).fetchall()
+    if any(state is None for _app, _addr, state in rows):
+        return (), [
+            "the login role cannot read pg_stat_replication (its rows are hidden without superuser or "
+            'pg_read_all_stats): GRANT pg_read_all_stats TO "<login_user>", or list the standbys in standbys with '
+            "their host and leave discover_standbys out"
+        ]
+    seen_names = set()
+    for app, addr, _state in rows:
+        seen_names.add(app)
+        entry = named.get(app, default)
+        host = entry.host or addr or ""
+        if not host:
+            found.append(f"standby {app!r} streams over a unix socket (pg_stat_replication shows no address): give "
+                         f"its host in a standbys entry with application_name {app!r}")  # fmt: skip
+            continue
+        standbys.append(Standby(host, entry.port, entry.user, entry.password, app))
+    for name in sorted(set(named) - seen_names):
+        found.append(f"standby {name!r} of standbys is not streaming from the primary (not in pg_stat_replication): "
+                     "start it and let it catch up, or leave its entry out")  # fmt: skip
+    known = {(s.host, s.port) for s in standbys}
+    standbys += [s for s in fixed if (s.host, s.port) not in known]
+    where = [(s.host, s.port) for s in standbys]
+    for host, port in sorted({w for w in where if where.count(w) > 1}):
+        apps = ", ".join(sorted(s.application_name or "?" for s in standbys if (s.host, s.port) == (host, port)))
+        found.append(f"standbys {apps} would all be reached at {host}:{port}: give each its port (or host) in a "
+                     "standbys entry with its application_name")  # fmt: skip
+    return tuple(standbys), found
 
 
 def problems(primary: ConnParams, primary_version_num: int, standbys: tuple[Standby, ...]) -> list[str]:
@@ -102,6 +181,7 @@ def problems(primary: ConnParams, primary_version_num: int, standbys: tuple[Stan
 @dataclass
 class StandbyReport:
     address: str
+    application_name: str = ""  # as pg_stat_replication showed it (discover_standbys, or the entry's)
     replayed: bool = False  # replayed past the switch
     lag_bytes: int = 0  # how far behind the switch it was when we first looked
     lag_ms: int = 0  # how long we waited for it to replay past the switch
@@ -124,7 +204,7 @@ class Follow:
 
     def run(self, lsn: str, old_db: str, db: str) -> None:
         for s in self.standbys:
-            report = StandbyReport(s.address)
+            report = StandbyReport(f"{s.host}:{s.port}", s.application_name)
             self.reports.append(report)
             try:
                 self._one(s, report, lsn, old_db)

@@ -49,6 +49,12 @@ from ansible_collections.pgops.dbrestore.plugins.module_utils.load import (
     restore_into,
     verify,
 )
+from ansible_collections.pgops.dbrestore.plugins.module_utils.logical import (
+    HandOver,
+    Recreate,
+    slots_of,
+    subscriptions_of,
+)
 from ansible_collections.pgops.dbrestore.plugins.module_utils.operation import Operation, Step, pause_point
 from ansible_collections.pgops.dbrestore.plugins.module_utils.parallel import large_tables
 from ansible_collections.pgops.dbrestore.plugins.module_utils.pooler import Pause
@@ -79,12 +85,13 @@ from ansible_collections.pgops.dbrestore.plugins.module_utils.sessions import (
     list_sessions,
     terminate_backends,
 )
-from ansible_collections.pgops.dbrestore.plugins.module_utils.standbys import Follow, switch_lsn
+from ansible_collections.pgops.dbrestore.plugins.module_utils.standbys import Follow, discover, switch_lsn
 from ansible_collections.pgops.dbrestore.plugins.module_utils.stream import ServerSource, source_params
 
 # all: the whole restore; stage/switch split it so a set of databases (shards) is switched only
 # when every staged copy verified; abort drops a staged copy
 PHASES = ("all", "stage", "switch", "abort")
+EXIT_GRACE_SECONDS = 0.05  # behind a paused PgBouncer: how long its closed server connections get to go away
 
 
 class Target:
@@ -115,9 +122,21 @@ class Target:
         checks = Preflight(self.op.conn, self.op.info).can_record(self.op.registry)
         if self.live_oid is not None:
             checks.can_switch(self.db, req.fallback, req.restart)
+            checks.can_replicate(self.db, req.logical_subscriptions, req.logical_slots)
             self.op.res.warnings += checks.can_pause(req.pgbouncers, req.pgbouncer_fallback)
-            checks.can_follow(self.op.params, req.standbys)
+            if req.discover_standbys:
+                checks.problems += self._discover_standbys()
+            checks.can_follow(self.op.params, self.op.standbys)
         return checks
+
+    def _discover_standbys(self) -> list[str]:
+        """discover_standbys: the standbys to follow are the ones streaming from the primary now."""
+        op = self.op
+        op.standbys, found = discover(op.conn, op.info.version_num, op.req.standbys)
+        if not op.standbys and not found:
+            op.res.warnings.append("discover_standbys: no standby streams from the primary (pg_stat_replication "
+                                   "is empty); none will follow the switch")  # fmt: skip
+        return found
 
     def _ours(self, oid: int) -> bool:
         row = self.op.conn.execute(
@@ -311,53 +330,114 @@ def in_transaction_retrying(conn: Any, op: Operation, db: str, body: Callable[[]
 
 
 def close_and_clear(
-    op: Operation, method: BlockMethod, then: Callable[[Any, Closure | None], None], spare_app: str = ""
-) -> None:
+    op: Operation, method: BlockMethod, then: Callable[[Any, Closure | None], None], spare_app: str = "",
+    paused: bool = False,
+) -> None:  # fmt: skip
     """The only window the app sees: close and clear the live database, run `then` while it is empty.
 
     spare_app: the application_name of our own session into the live database (keep_tables), left alone.
+    paused: the PgBouncers of pgbouncers are paused for the window (once all else is ready), resumed after it.
     """
     req = op.req
     spare = SessionFilter(exclude_application_names=(spare_app,)) if spare_app else SessionFilter()
     request = ClearRequest(db=req.db, state="blocked", block=method.name, wait_timeout=req.wait_timeout,
                            fallback=req.fallback, restart=req.restart, record_block=False,
                            session_filter=spare)  # fmt: skip
+    pause = Pause(req.pgbouncers, req.pgbouncer_pause_timeout, req.pgbouncer_fallback, log=op.res.log,
+                  warnings=op.res.warnings) if paused and req.pgbouncers else None  # fmt: skip
+    if pause is not None:  # the backends of PgBouncer's server connections, closed by PAUSE, exit by themselves
+        request.exit_grace = EXIT_GRACE_SECONDS
     t = time.monotonic()
     try:
-        cleared = clear_sessions(op.params, request, on_cleared=then)
+        cleared = clear_sessions(op.params, request, on_cleared=then,
+                                 hold=(lambda: _held(pause)) if pause else None)  # fmt: skip
     except PgOpsError as exc:  # what it did before failing (sessions already ended) is part of our result
         op.res.terminated += exc.details.get("terminated", [])
         op.res.log += [f"switch: {line}" for line in exc.details.get("log", [])]
         raise
     finally:
         op.res.switch_window_ms = int((time.monotonic() - t) * 1000)
+        if pause is not None:
+            op.res.pgbouncer_pause_ms = pause.pause_ms
+            op.res.pgbouncers = [r.as_dict() for r in pause.reports]
+            op.res.pgbouncer_window_ms = {**pause.window_ms, **op.res.pgbouncer_window_ms}
+        else:
+            op.res.pgbouncer_window_ms = {}
+    if pause is not None and pause.pause_ms:
+        w = op.res.pgbouncer_window_ms
+        w.update(close=cleared.elapsed_ms.get("block", 0), terminate=cleared.elapsed_ms.get("terminate", 0))
+        w["other"] = max(0, pause.pause_ms - sum(w.values()))
+        w["total"] = pause.pause_ms
+        op.res.log.append("switch: PgBouncer paused " + ", ".join(f"{k} {v} ms" for k, v in w.items()))
     _record_clear(op, cleared)
 
 
 @contextmanager
-def poolers_paused(op: Operation) -> Iterator[None]:
-    """PgBouncers in front of the database paused for the body (pgbouncers), resumed on every way out."""
-    req = op.req
-    if not req.pgbouncers:
+def _held(pause: Pause) -> Iterator[None]:
+    with pause.held():
+        pause_point("pgbouncer-paused")  # no pooled session left, nothing switched yet: the guard's moment
         yield
-        return
-    pause = Pause(req.pgbouncers, req.pgbouncer_pause_timeout, req.pgbouncer_fallback, log=op.res.log,
-                  warnings=op.res.warnings)  # fmt: skip
-    try:
-        with pause.held():
-            pause_point("pgbouncer-paused")  # no pooled session left, nothing switched yet: the guard's moment
-            yield
-    finally:
-        op.res.pgbouncer_pause_ms = pause.pause_ms
-        op.res.pgbouncers = [r.as_dict() for r in pause.reports]
+
+
+class Logical:
+    """The live database's logical replication through the switch (logical_subscriptions, logical_slots)."""
+
+    def __init__(self, op: Operation) -> None:
+        self.op = op
+        req = op.req
+        self.hand = HandOver(op.params, req.db, req.wait_timeout) if req.logical_subscriptions == "hand_over" else None
+        self.recreate = Recreate(op.params, op.info, req.db, req.wait_timeout) if req.logical_slots == "recreate" \
+            else None  # fmt: skip
+        oid = database_oid(op.conn, req.db)
+        self.subscriptions = [s.name for s in subscriptions_of(op.conn, oid) if s.enabled or s.slot] \
+            if self.hand and oid is not None else []  # fmt: skip
+        self.slots = [s.name for s in slots_of(op.conn, op.info, req.db)] if self.recreate else []
+
+    def text(self) -> str:
+        out = ""
+        if self.subscriptions:
+            out += f"; hand the slots of subscriptions {', '.join(self.subscriptions)} to the restored copy"
+        if self.slots:
+            out += f"; drop the logical slots {', '.join(self.slots)} and create them again on the restored copy"
+        return out
+
+    def prepare(self, incoming_oid: int) -> None:
+        """Before the window: detach the live subscriptions from their slots (given back if the switch fails)."""
+        if self.hand is not None and self.subscriptions:
+            try:
+                self.hand.prepare(self.op.conn, incoming_oid)
+            finally:
+                self.op.res.log += self.hand.log
+                self.hand.log = []
+        if self.recreate is not None:
+            self.recreate.prepare(self.op.conn)
+
+    def give_back(self) -> None:
+        if self.hand is not None:
+            self.hand.give_back()
+            self.op.res.log += self.hand.log
+
+    def finish(self, old_db: str) -> None:
+        """After the switch: the restored copy takes the slots; the slots of the old copy are made again."""
+        res = self.op.res
+        try:
+            if self.hand is not None:
+                self.hand.finish()
+                res.log += self.hand.log
+            if self.recreate is not None:
+                self.recreate.finish(self.op.conn, old_db)
+                res.log += self.recreate.log
+        finally:
+            res.logical = {"subscriptions": self.hand.report if self.hand else [],
+                           "slots": self.recreate.report if self.recreate else []}  # fmt: skip
 
 
 def follow_standbys(op: Operation, old_db: str) -> None:
     """After the switch: each standby replays it, then its sessions on the old copy end (standbys)."""
     req = op.req
-    if not req.standbys:
+    if not op.standbys:
         return
-    follow = Follow(op.params, req.standbys, req.standby_timeout)
+    follow = Follow(op.params, op.standbys, req.standby_timeout)
     try:
         follow.run(switch_lsn(op.conn), old_db, req.db)
     finally:
@@ -366,8 +446,10 @@ def follow_standbys(op: Operation, old_db: str) -> None:
 
 
 def standby_text(op: Operation) -> str:
-    n = len(op.req.standbys)
-    return f"; wait for {n} standby(s) to replay it and end their sessions on the old copy" if n else ""
+    if not op.standbys:
+        return ""
+    return (f"; wait for standby(s) {', '.join(s.address for s in op.standbys)} to replay it and end their sessions "
+            "on the old copy")  # fmt: skip
 
 
 def pause_text(op: Operation) -> str:
@@ -665,11 +747,16 @@ def switch_steps(t: Target) -> list[Step]:
     prev = free_name(op.conn, previous_name(t.db, utc_stamp()))
     keep = KeepTables(t)
 
+    logical = Logical(op)
+
     def run() -> None:
         def renames(conn: Any, closure: Closure | None) -> None:
             state = closure.state if closure else BlockState(t.method.name, closed=False)
             registry = Registry(conn)
+            started = time.monotonic()
             keep.carry()
+            if keep.tables:
+                op.res.pgbouncer_window_ms["keep"] = int((time.monotonic() - started) * 1000)
 
             def body() -> None:
                 rename(conn, t.db, prev, op.res)
@@ -677,17 +764,20 @@ def switch_steps(t: Target) -> list[Step]:
                 registry.add_copy(t.live_oid, prev, t.db, "previous", state)  # type: ignore[arg-type]
                 registry.forget_copy(t.staging_oid)  # type: ignore[arg-type]
 
+            started = time.monotonic()
             in_transaction_retrying(conn, op, t.db, body)
+            op.res.pgbouncer_window_ms["rename"] = int((time.monotonic() - started) * 1000)
             op.res.switched_at = time.time()  # committed: a set across hosts reports the spread of these
             pause_point("switched")  # renamed, the old copy still closed
             op.res.rollback_sql = rollback_sql(op, t.method, state, prev)
 
         try:
-            with poolers_paused(op):
-                close_and_clear(op, t.method, renames, keep.spare_app)
+            logical.prepare(t.staging_oid)  # type: ignore[arg-type]
+            close_and_clear(op, t.method, renames, keep.spare_app, paused=True)
         except BaseException:
             keep.close()
             if f"{t.db} -> {prev}" not in op.res.renamed:
+                logical.give_back()
                 _drop_quietly(op, t.staging, t.staging_oid)
             raise
         op.res.previous_db = prev
@@ -697,12 +787,14 @@ def switch_steps(t: Target) -> list[Step]:
             f'switched: "{t.db}" is the restored copy, the old one is "{prev}"; app-visible window '
             f"{op.res.switch_window_ms} ms, {op.res.terminated_count} session(s) ended{paused}"
         )
+        logical.finish(prev)
         follow_standbys(op, prev)
 
     carried = f", carry the live rows of {', '.join(str(x) for x in keep.tables)}" if keep.tables else ""
     text = (
         pause_text(op)
         + f'close and clear "{t.db}" ({t.method.name}){carried}, rename it to "{prev}" and "{t.staging}" to "{t.db}"'
+        + logical.text()
         + standby_text(op)
     )
     return [*keep.steps(), Step("switch", text, run),
@@ -760,6 +852,7 @@ class Rollback:
         op.res.previous_db = prev.name
         op.res.marker_before = op.registry.marker(t.live_oid)
         back = block_method(prev.block_state.method)
+        logical = Logical(op)
 
         def run() -> None:
             # the previous copy is closed since it was switched out: if we die after the rename, it reopens
@@ -768,8 +861,13 @@ class Rollback:
                 if t.live_oid is None:
                     renames(op.conn, None)
                 else:
-                    with poolers_paused(op):
-                        close_and_clear(op, t.method, renames)
+                    logical.prepare(prev.oid)
+                    try:
+                        close_and_clear(op, t.method, renames, paused=True)
+                    except BaseException:
+                        if f"{t.db} -> {undone}" not in op.res.renamed:
+                            logical.give_back()
+                        raise
             finally:
                 guard.release()
 
@@ -783,7 +881,9 @@ class Rollback:
                 rename(conn, prev.name, t.db, op.res)
                 registry.forget_copy(prev.oid)
 
+            started = time.monotonic()
             in_transaction_retrying(conn, op, t.db, body)
+            op.res.pgbouncer_window_ms["rename"] = int((time.monotonic() - started) * 1000)
             pause_point("rolled-back")  # renamed, not yet reopened: the guard's moment
             back.open(conn, t.db, prev.block_state)
 
@@ -795,6 +895,7 @@ class Rollback:
             kept = f'the replaced one is kept as "{undone}"' if t.live_oid is not None else "nothing was replaced"
             op.res.log.append(f'rolled back: "{t.db}" is again the copy from before the restore; {kept}')
             if t.live_oid is not None:
+                logical.finish(undone)
                 follow_standbys(op, undone)
 
         text = pause_text(op) + f'close and clear "{t.db}", rename it to "{undone}", ' if t.live_oid is not None else ""
@@ -804,6 +905,7 @@ class Rollback:
                 "switch",
                 text
                 + f'rename "{prev.name}" to "{t.db}" and reopen it'
+                + (logical.text() if t.live_oid is not None else "")
                 + (standby_text(op) if t.live_oid is not None else ""),
                 lambda: (run(), report()),
             ),

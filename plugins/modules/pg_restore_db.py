@@ -351,14 +351,24 @@ options:
         C(pg_signal_backend) (checked before anything is staged, in check mode too). Needs PostgreSQL 10 or newer.
       - When a standby does not replay the switch within O(standby_timeout), the run fails after the switch
         (C(changed=true)) and says what to run there.
+      - With O(discover_standbys=true) the entries describe how to reach the standbys found on the primary; an entry
+        with a host and no O(standbys[].application_name) is followed as well.
     type: list
     elements: dict
     default: []
     suboptions:
       host:
-        description: The standby's address.
+        description:
+          - The standby's address. Required unless O(discover_standbys=true), where it defaults to the address
+            C(pg_stat_replication) shows for the standby.
         type: str
-        required: true
+      application_name:
+        description:
+          - With O(discover_standbys=true), the standby this entry describes, by the C(application_name) it streams
+            with (C(pg_stat_replication.application_name); C(cluster_name) or C(walreceiver) unless its
+            C(primary_conninfo) sets one). Without an application_name, an entry without host gives the port, user
+            and password of every discovered standby that no other entry names.
+        type: str
       port:
         description: Its port.
         type: int
@@ -374,6 +384,49 @@ options:
       - Seconds to wait for each standby of O(standbys) to replay the switch.
     type: float
     default: 30
+  discover_standbys:
+    description:
+      - Follow every physical standby streaming from the primary, as C(pg_stat_replication) shows them when the run
+        starts (logical walsenders and base backups are left out), reached at the address shown there with the port,
+        user and password of its O(standbys) entry. Preflight (check mode too) lists them in the plan and refuses a
+        standby it cannot reach, an entry whose application_name is not streaming, two standbys that would be
+        reached at the same address, and a login role that cannot see pg_stat_replication's rows (superuser or
+        C(pg_read_all_stats) needed).
+      - Cascading standbys (streaming from another standby) are not in the primary's C(pg_stat_replication), so list
+        them in O(standbys) with their host.
+    type: bool
+    default: false
+  logical_subscriptions:
+    description:
+      - What to do with enabled subscriptions of the live database (it subscribes to a publisher). A rename leaves
+        them streaming into the old copy.
+      - V(refuse) (default) refuses the run before anything is staged, in check mode too, naming them.
+      - V(hand_over) hands each subscription's slot on the publisher to the restored copy's subscription of the same
+        name (pg_dump, run by a superuser, writes it disabled with C(connect = false)). Before the switch the live
+        copy's subscriptions are disabled (their workers have exited) and detached from their slots
+        (C(SET (slot_name = NONE))); after it the restored copy's take the slots, are enabled where the live ones were,
+        and learn the publication's tables (C(REFRESH PUBLICATION WITH (copy_data = false))), so they apply what the
+        publisher writes from the moment the live copy stopped, on top of the restored data. Nothing is copied again
+        and nothing is lost on the publisher. A switch that fails gives the slots back. The old copy keeps its
+        subscriptions disabled and without slot (so a rollback hands them back the same way, and dropping the copy
+        touches nothing on the publisher). Needs a superuser login.
+      - Disabled subscriptions are not refused; the restored copy has them as dumped (disabled).
+    type: str
+    choices: [ refuse, hand_over ]
+    default: refuse
+  logical_slots:
+    description:
+      - What to do with logical replication slots of the live database (it publishes). A rename leaves them with the
+        old copy, which they keep from being dropped.
+      - V(refuse) (default) refuses the run before anything is staged, in check mode too, naming them.
+      - V(recreate), after the switch, ends the walsender streaming from each slot, drops it and creates it again
+        with the same name, plugin and two_phase on the restored copy. Its consumer then reads what the restored copy
+        writes from the switch on. What the old copy wrote that the consumer had not read yet is lost, and the
+        restored data itself is not sent, so a subscriber keeps its old rows and must copy the tables again if it has to
+        match the restored data. Needs a superuser or a role with REPLICATION.
+    type: str
+    choices: [ refuse, recreate ]
+    default: refuse
   pgbouncer_fallback:
     description:
       - V(switch) switches without pausing a PgBouncer that cannot be paused (session pooling with connected clients);
@@ -574,14 +627,33 @@ pgbouncer_pause_ms:
     the longest a query through them waited.
   returned: always
   type: int
-  sample: 210
+  sample: 40
+pgbouncer_window_ms:
+  description:
+    - Where the pause of RV(pgbouncer_pause_ms) went, in milliseconds per step (empty without O(pgbouncers)).
+      V(pause) waiting for C(PAUSE) (running transactions), V(close) closing the live database, V(terminate) ending
+      what is left on it, V(keep) carrying O(keep_tables), V(rename) the renames' transaction, V(resume) C(RESUME),
+      V(other) the rest, V(total) the pause.
+    - Everything else (the admin consoles' connections, the guard processes, the lookups) is done before C(PAUSE).
+  returned: always
+  type: dict
+  sample: {pause: 6, close: 2, terminate: 5, rename: 6, resume: 1, other: 8, total: 28}
+logical:
+  description:
+    - With O(logical_subscriptions=hand_over), the subscriptions handed over (name, slot, enabled); with
+      O(logical_slots=recreate), the slots recreated (name, plugin, lsn where the new slot starts).
+  returned: always
+  type: dict
+  sample: {subscriptions: [{name: orders_sub, slot: orders_sub, enabled: true}],
+           slots: [{name: reporting, plugin: pgoutput, lsn: "0/3000148"}]}
 standbys:
   description: Per standby of O(standbys), whether it replayed the switch, how far behind it was (bytes) and how long
     it took (ms), and how many sessions on the old copy were ended there.
   returned: always
   type: list
   elements: dict
-  sample: [{address: "10.0.0.9:5432", replayed: true, lag_bytes: 5120, lag_ms: 14, sessions_ended: 8, error: ""}]
+  sample: [{address: "10.0.0.9:5432", application_name: db2, replayed: true, lag_bytes: 5120, lag_ms: 14,
+            sessions_ended: 8, error: ""}]
 pgbouncers:
   description: Per PgBouncer of O(pgbouncers), what happened there.
   returned: always
@@ -658,6 +730,7 @@ from ansible.module_utils.basic import AnsibleModule, missing_required_lib
 
 from ansible_collections.pgops.dbrestore.plugins.module_utils.blocking import CHOICES as BLOCK_CHOICES
 from ansible_collections.pgops.dbrestore.plugins.module_utils.blocking import block_argument_spec
+from ansible_collections.pgops.dbrestore.plugins.module_utils.logical import logical_argument_spec
 from ansible_collections.pgops.dbrestore.plugins.module_utils.pooler import pgbouncers_argument_spec
 from ansible_collections.pgops.dbrestore.plugins.module_utils.postgres import (
     PSYCOPG_IMPORT_ERROR,
@@ -725,6 +798,7 @@ def main() -> None:
     argument_spec.update(block_argument_spec(BLOCK_CHOICES, default="allow_connections"))
     argument_spec.update(pgbouncers_argument_spec())
     argument_spec.update(standbys_argument_spec())
+    argument_spec.update(logical_argument_spec())
     module = AnsibleModule(
         argument_spec=argument_spec, mutually_exclusive=[["src", "source"]], supports_check_mode=True
     )

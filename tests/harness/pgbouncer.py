@@ -21,6 +21,7 @@ import psycopg
 from tests.harness.pg import OS_USER, SUPERUSER, SUPERUSER_PASSWORD, PgServer, _server_tmp, free_port
 
 BINARY = "/usr/sbin/pgbouncer"
+SLOW_MS = 20  # queries slower than this are kept with their start, to tell where in a run they waited
 
 
 @dataclass
@@ -109,6 +110,7 @@ class ProbeClient:
     errors: list[str] = field(default_factory=list)
     longest_ms: float = 0.0  # the slowest successful query, the wait the app saw
     longest_at: float = 0.0  # when it started (time.monotonic())
+    slow: list[tuple[float, float]] = field(default_factory=list)  # (UNIX start, ms) of queries over SLOW_MS
     last_value: object = None
     connected: bool = False
 
@@ -149,9 +151,11 @@ class Probe:
                     conn = psycopg.connect(autocommit=True, application_name=name, connect_timeout=5,
                                            prepare_threshold=None, **self.conninfo)  # fmt: skip
                     st.connected = True
-                t = time.monotonic()
+                t, wall = time.monotonic(), time.time()
                 row = conn.execute(self.query).fetchone()
                 took = (time.monotonic() - t) * 1000
+                if took > SLOW_MS:
+                    st.slow.append((wall, took))
                 if took > st.longest_ms:
                     st.longest_ms, st.longest_at = took, t
                 st.last_value = row[0] if row else None
@@ -191,6 +195,10 @@ class Probe:
     @property
     def longest_ms(self) -> float:
         return max((s.longest_ms for s in self.stats), default=0.0)
+
+    def longest_between(self, start: float, end: float) -> float:
+        """The longest query (ms) that was running at some moment between the UNIX times start and end."""
+        return max((ms for s in self.stats for at, ms in s.slow if at <= end and at + ms / 1000 >= start), default=0.0)
 
     @property
     def errors(self) -> list[str]:

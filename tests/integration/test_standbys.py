@@ -95,3 +95,39 @@ def test_standby_problems_are_found_before_anything_is_staged(pg: PgServer, mark
             restore_database(pg.params(), request, check_mode=True)
         assert len(err.value.details["problems"]) == 1  # unreachable; not a standby (the primary itself)
     assert pg.sql("SELECT v FROM marker", dbname=LIVE) == [("old",)]
+
+
+def test_discovered_standbys_follow_the_switch(pg: PgServer, standby: PgServer, marker_dumps):
+    """discover_standbys: the standby is found in the primary's pg_stat_replication and reached at the address shown
+    there, with the port its entry (by application_name) gives; a wrong entry is refused in check mode."""
+    conninfo = dict(host="127.0.0.1", port=standby.port, user=SUPERUSER, password=SUPERUSER_PASSWORD, dbname=LIVE)
+    [(app, addr)] = pg.sql("SELECT application_name, host(client_addr) FROM pg_stat_replication")
+    lsn = pg.sql("SELECT pg_current_wal_lsn()")[0][0]
+    with Probe(conninfo, "SELECT 1", clients=0) as idle:
+        idle.wait(lambda: replayed_to(standby, lsn), "the standby has the live database", 30)
+
+    def request(entries: list[dict], check_mode: bool = True):
+        req = RestoreRequest(db=LIVE, src=str(marker_dumps["new"]), jobs=1, bindir=str(client_bindir()),
+                             standbys=entries, discover_standbys=True, standby_timeout=10)  # fmt: skip
+        return restore_database(pg.params(), req, check_mode=check_mode)
+
+    # the entry for every standby gives a port where nothing listens; an entry names a standby that is not streaming
+    for entries in ([{"port": free_port()}], [{"application_name": app, "port": standby.port},
+                                              {"application_name": "db9"}]):  # fmt: skip
+        with pytest.raises(PgOpsError) as err:
+            request(entries)
+        assert len(err.value.details["problems"]) == 1, err.value.details["problems"]
+    with pytest.raises(PgOpsError, match="needs a host, or discover_standbys=true"):
+        RestoreRequest(db=LIVE, src=str(marker_dumps["new"]), standbys=[{"application_name": app}])
+
+    mapping = [{"application_name": app, "port": standby.port}]
+    checked = request(mapping)
+    assert checked.plan[-1].endswith(f"standby(s) {addr}:{standby.port} ({app}) to replay it and end their "
+                                     "sessions on the old copy"), checked.plan  # fmt: skip
+    with Probe(conninfo, "SELECT v FROM marker", clients=4, interval=0.01) as probe:
+        probe.wait_all_read("old")
+        res = request(mapping, check_mode=False)
+        probe.wait_all_read("new", timeout=5)
+    [report] = res.standbys
+    assert report["address"] == f"{addr}:{standby.port}" and report["application_name"] == app
+    assert report["replayed"] and report["sessions_ended"] >= 4 and report["error"] == "", report
