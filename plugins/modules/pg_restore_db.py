@@ -481,6 +481,18 @@ checksum_by:
   returned: unless rollback
   type: str
   sample: identity
+jobs:
+  description: The jobs this run loads with, O(jobs) or its default (half the CPUs of the host that runs the module).
+  returned: always
+  type: int
+  sample: 2
+busy_pids:
+  description: In check mode, the backends of another restore of the database that hold its restore lock now; a
+    real run waits O(lock_timeout) for them, then fails. Empty otherwise.
+  returned: always
+  type: list
+  elements: int
+  sample: []
 server_version:
   description: Version of the server.
   returned: always
