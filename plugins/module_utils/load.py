@@ -38,6 +38,7 @@ from ansible_collections.pgops.dbrestore.plugins.module_utils.progress import (
     list_totals,
     read_bytes,
     server_views,
+    toc_totals,
 )
 from ansible_collections.pgops.dbrestore.plugins.module_utils.tools import (
     ToolOutput,
@@ -70,12 +71,16 @@ def check_readable(dump: DumpSource, bindir: str | None, full: bool) -> list[str
     if dump.format == "tar":  # always: pg_restore would hang on a truncated one, even while loading
         dump.read_tar_through()
     if dump.is_archive:
-        argv = [find_tool("pg_restore", bindir), "-f", os.devnull]
-        argv += [] if full else ["-l"]
-        try:
-            run_tool([*argv, dump.child_path], dict(os.environ), pass_fds=(dump.fd,))
-        except PgOpsError as exc:
-            raise PgOpsError(f"dump {dump.path!r} is not readable ({dump.format} format): {exc}") from exc
+        # the TOC listing is kept (dump.toc): the progress totals and the split read it, not the archive again
+        with tempfile.NamedTemporaryFile("rb", suffix=".toc") as listing:
+            argv = [find_tool("pg_restore", bindir), "-f", os.devnull if full else listing.name]
+            argv += [] if full else ["-l"]
+            try:
+                run_tool([*argv, dump.child_path], dict(os.environ), pass_fds=(dump.fd,))
+            except PgOpsError as exc:
+                raise PgOpsError(f"dump {dump.path!r} is not readable ({dump.format} format): {exc}") from exc
+            if not full:
+                dump.toc = listing.read().decode(errors="replace")
         return []
     flt = PlainFilter()
     with dump.plain_stream() as stream:
@@ -126,7 +131,8 @@ def restore_into(
         if dump.is_archive:
             pg_restore = find_tool("pg_restore", opts.bindir)
             if progress is not None:
-                tables, indexes = list_totals([pg_restore, "-l", dump.child_path], env, fds)
+                tables, indexes = (toc_totals(dump.toc) if dump.toc is not None
+                                   else list_totals([pg_restore, "-l", dump.child_path], env, fds))  # fmt: skip
                 progress.totals(tables, indexes, dump.size)
             split_ok = opts.split and opts.jobs > 1 and not opts.tool_args and dump.format in ("custom", "directory")
             if split_ok and not (old_server and tool_version(pg_restore)[0] >= 17):
@@ -190,11 +196,13 @@ def _restore_split(
     None when none of opts.split is in the dump (the caller restores it as usual).
     """
     fds = (dump.fd,)
-    try:
-        toc = subprocess.run([pg_restore, "-l", dump.child_path], env=env, pass_fds=fds, capture_output=True,
-                             check=True).stdout.decode(errors="replace")  # fmt: skip
-    except (OSError, subprocess.CalledProcessError) as exc:
-        raise PgOpsError(f"pg_restore -l of {dump.path!r} failed: {exc}") from exc
+    toc = dump.toc
+    if toc is None:
+        try:
+            toc = subprocess.run([pg_restore, "-l", dump.child_path], env=env, pass_fds=fds, capture_output=True,
+                                 check=True).stdout.decode(errors="replace")  # fmt: skip
+        except (OSError, subprocess.CalledProcessError) as exc:
+            raise PgOpsError(f"pg_restore -l of {dump.path!r} failed: {exc}") from exc
     listing, chosen = split_list(toc, set(opts.split))
     if not chosen:
         return None
