@@ -267,7 +267,9 @@ options:
     default: []
   analyze:
     description:
-      - Run C(ANALYZE) on the restored copy before the switch, so the first queries get good plans.
+      - Run C(ANALYZE) on the restored copy before the switch, so the first queries get good plans. The tables,
+        materialized views and partitioned tables are analyzed largest first over O(jobs) sessions; the system
+        catalogs are left to autovacuum.
     type: bool
     default: true
   lock_timeout:
