@@ -134,6 +134,9 @@ class ClearRequest:
     # state=blocked remembers what it took in our records, so that state=allowed gives exactly that
     # back; a caller that renames the closed database away (the switch) records it itself
     record_block: bool = True
+    # how long no session may be seen before the database counts as clear (0: at once, for a caller that
+    # retries what it runs on OBJECT_IN_USE, as DROP DATABASE fails cleanly when a session slipped in)
+    settle_seconds: float = SETTLE_SECONDS
 
     @classmethod
     def from_params(cls, p: dict[str, Any]) -> ClearRequest:
@@ -470,7 +473,7 @@ def _allow(conn: Any, info: ServerInfo, registry: Registry, oid: int, req: Clear
 
 
 def _terminate_until_clear(conn: Any, info: ServerInfo, req: ClearRequest, res: ClearResult) -> int:
-    """Terminate matching sessions until none is left for SETTLE_SECONDS, or fail at wait_timeout."""
+    """Terminate matching sessions until none is left for req.settle_seconds, or fail at wait_timeout."""
     deadline = time.monotonic() + req.wait_timeout
     seen: dict[tuple[int, str | None], Session] = {}
     try:
@@ -490,7 +493,7 @@ def _terminate_loop(
         now = time.monotonic()
         if not sessions:
             quiet_since = quiet_since or now
-            if now - quiet_since >= SETTLE_SECONDS:
+            if now - quiet_since >= req.settle_seconds:
                 break
             time.sleep(POLL_SECONDS)
             continue
