@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -220,7 +221,7 @@ def rerun_via_role(pg: PgServer, db: str, dump: Path) -> dict:
         proc = subprocess.run(argv, env=ansible_env(), capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise Failed(f"ansible-playbook pgops.dbrestore.restore exit {proc.returncode}: {proc.stdout[-300:]}")
-    return {"changed": "nothing done" not in proc.stdout}
+    return {"changed": re.search(r"\bchanged=0\b", proc.stdout) is None}
 
 
 def ansible_floor(pg: PgServer, db: str, dump: Path) -> dict:
