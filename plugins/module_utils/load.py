@@ -321,7 +321,7 @@ def analyze_tables(params: ConnParams, dbname: str, conn: Any, jobs: int) -> Non
             except PgOpsError as exc:
                 failed.append(exc)
 
-    sessions = [conn] + [connect(params.with_db(dbname)) for _ in range(min(jobs, len(tables)) - 1)]
+    sessions = [conn] + [connect(params.with_db(dbname)) for _n in range(min(jobs, len(tables)) - 1)]
     try:
         threads = [threading.Thread(target=worker, args=(s,), name="pgops-analyze", daemon=True) for s in sessions]
         for thread in threads:
