@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -201,6 +202,39 @@ def restore_via_ansible(pg: PgServer, db: str, dump: Path) -> dict:
     if result.get("failed"):
         raise Failed(f"pg_restore_db: {result.get('msg')}")
     return result
+
+
+def _role_inventory(pg: PgServer, path: Path) -> Path:
+    host = {"ansible_connection": "local", "ansible_python_interpreter": sys.executable,
+            "restore_bindir": str(client_bindir()),
+            **{f"pgops_{k}": v for k, v in pg.module_args().items() if v not in (None, "")}}  # fmt: skip
+    path.write_text(json.dumps({"db": {"hosts": {"localhost": host}}}))
+    return path
+
+
+def rerun_via_role(pg: PgServer, db: str, dump: Path) -> dict:
+    """ansible-playbook pgops.dbrestore.restore -e db=DB -e dump=DUMP, as a person reruns it."""
+    with tempfile.TemporaryDirectory() as tmp:
+        inventory = _role_inventory(pg, Path(tmp) / "inventory.json")
+        argv = [str(Path(sys.executable).parent / "ansible-playbook"), "-i", str(inventory),
+                "pgops.dbrestore.restore", "-e", f"db={db}", "-e", f"dump={dump}"]  # fmt: skip
+        proc = subprocess.run(argv, env=ansible_env(), capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise Failed(f"ansible-playbook pgops.dbrestore.restore exit {proc.returncode}: {proc.stdout[-300:]}")
+    return {"changed": re.search(r"\bchanged=0\b", proc.stdout) is None}
+
+
+def ansible_floor(pg: PgServer, db: str, dump: Path) -> dict:
+    """ansible-playbook of one debug task on the same inventory: what any playbook run costs here."""
+    with tempfile.TemporaryDirectory() as tmp:
+        inventory = _role_inventory(pg, Path(tmp) / "inventory.json")
+        book = Path(tmp) / "floor.yml"
+        book.write_text("- hosts: db\n  gather_facts: false\n  tasks:\n    - ansible.builtin.debug: {msg: hi}\n")
+        argv = [str(Path(sys.executable).parent / "ansible-playbook"), "-i", str(inventory), str(book)]
+        proc = subprocess.run(argv, env=ansible_env(), capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise Failed(f"ansible-playbook exit {proc.returncode}")
+    return {"changed": False}
 
 
 # --- scenario 10: refreshing a database from another server --------------------------------------

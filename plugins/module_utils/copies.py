@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -13,6 +14,7 @@ from typing import Any
 from ansible_collections.pgops.dbrestore.plugins.module_utils.blocking import best_method, grant_sql, read_acl
 from ansible_collections.pgops.dbrestore.plugins.module_utils.logical import drop_subscriptions
 from ansible_collections.pgops.dbrestore.plugins.module_utils.postgres import (
+    OBJECT_IN_USE,
     ConnParams,
     PgOpsError,
     ServerInfo,
@@ -158,7 +160,11 @@ def create_database(conn: Any, name: str, template: str, owner: str | None, loca
 
 
 def drop_database(params: ConnParams, info: ServerInfo, name: str, wait_timeout: float) -> None:
-    """Close, clear and drop a database of our own (staging, previous copy, partial restore)."""
+    """Close, clear and drop a database of our own (staging, previous copy, partial restore).
+
+    It is dropped as soon as no session is seen (no settle time): a session that slipped in makes DROP DATABASE
+    fail with OBJECT_IN_USE and change nothing, and the sessions are then cleared again, until wait_timeout.
+    """
 
     def drop(conn: Any, _closure: object) -> None:
         execute(conn, sql.SQL("DROP DATABASE {}").format(ident(name)), f'cannot drop "{name}"')
@@ -167,5 +173,13 @@ def drop_database(params: ConnParams, info: ServerInfo, name: str, wait_timeout:
         with connect(params) as conn:
             drop_subscriptions(params, conn, name, wait_timeout)
     method = best_method(info, "allow_connections").name
-    request = ClearRequest(db=name, state="blocked", block=method, wait_timeout=wait_timeout, record_block=False)
-    clear_sessions(params, request, on_cleared=drop)
+    request = ClearRequest(db=name, state="blocked", block=method, wait_timeout=wait_timeout, record_block=False,
+                           settle_seconds=0.0)  # fmt: skip
+    deadline = time.monotonic() + wait_timeout
+    while True:
+        try:
+            clear_sessions(params, request, on_cleared=drop)
+            return
+        except PgOpsError as exc:
+            if exc.sqlstate != OBJECT_IN_USE or time.monotonic() >= deadline:
+                raise

@@ -52,6 +52,7 @@ class DumpSource:
 
     def __init__(self, path: str) -> None:
         self.path = path
+        self.toc: str | None = None  # pg_restore -l of an archive, once read (load.check_readable)
         flags = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)
         try:
             self.fd = os.open(path, flags | (os.O_DIRECTORY if os.path.isdir(path) else 0))

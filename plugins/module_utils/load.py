@@ -38,6 +38,7 @@ from ansible_collections.pgops.dbrestore.plugins.module_utils.progress import (
     list_totals,
     read_bytes,
     server_views,
+    toc_totals,
 )
 from ansible_collections.pgops.dbrestore.plugins.module_utils.tools import (
     ToolOutput,
@@ -70,12 +71,16 @@ def check_readable(dump: DumpSource, bindir: str | None, full: bool) -> list[str
     if dump.format == "tar":  # always: pg_restore would hang on a truncated one, even while loading
         dump.read_tar_through()
     if dump.is_archive:
-        argv = [find_tool("pg_restore", bindir), "-f", os.devnull]
-        argv += [] if full else ["-l"]
-        try:
-            run_tool([*argv, dump.child_path], dict(os.environ), pass_fds=(dump.fd,))
-        except PgOpsError as exc:
-            raise PgOpsError(f"dump {dump.path!r} is not readable ({dump.format} format): {exc}") from exc
+        # the TOC listing is kept (dump.toc): the progress totals and the split read it, not the archive again
+        with tempfile.NamedTemporaryFile("rb", suffix=".toc") as listing:
+            argv = [find_tool("pg_restore", bindir), "-f", os.devnull if full else listing.name]
+            argv += [] if full else ["-l"]
+            try:
+                run_tool([*argv, dump.child_path], dict(os.environ), pass_fds=(dump.fd,))
+            except PgOpsError as exc:
+                raise PgOpsError(f"dump {dump.path!r} is not readable ({dump.format} format): {exc}") from exc
+            if not full:
+                dump.toc = listing.read().decode(errors="replace")
         return []
     flt = PlainFilter()
     with dump.plain_stream() as stream:
@@ -126,7 +131,8 @@ def restore_into(
         if dump.is_archive:
             pg_restore = find_tool("pg_restore", opts.bindir)
             if progress is not None:
-                tables, indexes = list_totals([pg_restore, "-l", dump.child_path], env, fds)
+                tables, indexes = (toc_totals(dump.toc) if dump.toc is not None
+                                   else list_totals([pg_restore, "-l", dump.child_path], env, fds))  # fmt: skip
                 progress.totals(tables, indexes, dump.size)
             split_ok = opts.split and opts.jobs > 1 and not opts.tool_args and dump.format in ("custom", "directory")
             if split_ok and not (old_server and tool_version(pg_restore)[0] >= 17):
@@ -190,11 +196,13 @@ def _restore_split(
     None when none of opts.split is in the dump (the caller restores it as usual).
     """
     fds = (dump.fd,)
-    try:
-        toc = subprocess.run([pg_restore, "-l", dump.child_path], env=env, pass_fds=fds, capture_output=True,
-                             check=True).stdout.decode(errors="replace")  # fmt: skip
-    except (OSError, subprocess.CalledProcessError) as exc:
-        raise PgOpsError(f"pg_restore -l of {dump.path!r} failed: {exc}") from exc
+    toc = dump.toc
+    if toc is None:
+        try:
+            toc = subprocess.run([pg_restore, "-l", dump.child_path], env=env, pass_fds=fds, capture_output=True,
+                                 check=True).stdout.decode(errors="replace")  # fmt: skip
+        except (OSError, subprocess.CalledProcessError) as exc:
+            raise PgOpsError(f"pg_restore -l of {dump.path!r} failed: {exc}") from exc
     listing, chosen = split_list(toc, set(opts.split))
     if not chosen:
         return None
@@ -269,14 +277,62 @@ class _ViewSampler:
             self.conn.close()
 
 
-def verify(params: ConnParams, dbname: str, verify_query: str | None, owner: str, analyze: bool) -> None:
+def verify(params: ConnParams, dbname: str, verify_query: str | None, owner: str, analyze: bool, jobs: int = 1) -> None:
     """Run verify_query on the restored copy with its owner's rights (it may call the app's functions)."""
     with connect(params.with_db(dbname)) as conn:
         if verify_query:
             _verify_query(conn, verify_query, owner)
         if analyze:
-            # index expressions run as each table's owner, in a security-restricted operation
-            execute(conn, "ANALYZE", "ANALYZE of the restored copy failed")
+            analyze_tables(params, dbname, conn, jobs)
+
+
+# the app's tables, materialized views (populated) and partitioned tables (whose ANALYZE samples and analyzes
+# their partitions), largest first; not the system catalogs, which the restore hardly changes
+_ANALYZED = (
+    "SELECT n.nspname, c.relname FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace "
+    "WHERE c.relkind IN ('r', 'm', 'p') AND (c.relkind <> 'm' OR c.relispopulated) AND c.relpersistence <> 't' "
+    "AND n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname !~ '^pg_toast' {partitions}"
+    "ORDER BY pg_catalog.pg_relation_size(c.oid) DESC"
+)
+
+
+def analyze_tables(params: ConnParams, dbname: str, conn: Any, jobs: int) -> None:
+    """ANALYZE the restored copy's tables over up to `jobs` sessions at once (as vacuumdb --analyze-only --jobs).
+
+    Index expressions run as each table's owner, in a security-restricted operation, as in a database-wide ANALYZE;
+    a table the login role may not analyze is skipped with a warning there as here.
+    """
+    partitions = "AND NOT c.relispartition " if conn.info.server_version >= 100000 else ""
+    tables = [sql.Identifier(r[0], r[1]) for r in conn.execute(_ANALYZED.format(partitions=partitions)).fetchall()]
+    if jobs <= 1 or len(tables) <= 1:
+        for table in tables:
+            execute(conn, sql.SQL("ANALYZE {}").format(table), "ANALYZE of the restored copy failed")
+        return
+    todo, lock, failed = iter(tables), threading.Lock(), []  # type: ignore[var-annotated]
+
+    def worker(session: Any) -> None:
+        while not failed:
+            with lock:
+                table = next(todo, None)
+            if table is None:
+                return
+            try:
+                execute(session, sql.SQL("ANALYZE {}").format(table), "ANALYZE of the restored copy failed")
+            except PgOpsError as exc:
+                failed.append(exc)
+
+    sessions = [conn] + [connect(params.with_db(dbname)) for _n in range(min(jobs, len(tables)) - 1)]
+    try:
+        threads = [threading.Thread(target=worker, args=(s,), name="pgops-analyze", daemon=True) for s in sessions]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        for session in sessions[1:]:
+            session.close()
+    if failed:
+        raise failed[0]
 
 
 def _verify_query(conn: Any, query: str, owner: str) -> None:

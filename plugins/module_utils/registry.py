@@ -248,6 +248,11 @@ def _holders(conn: Any, db: str) -> list[tuple[int, bool, bool]]:
     return [(int(r[0]), bool(r[1]), bool(r[2])) for r in rows]
 
 
+def lock_holders(conn: Any, db: str) -> list[int]:
+    """The backends of other restores of db holding its lock now (what acquire_lock would wait for)."""
+    return [pid for pid, privileged, _here in _holders(conn, db) if privileged]
+
+
 def acquire_lock(conn: Any, db: str, timeout: float) -> list[str]:
     """A session-level advisory lock per target database, gone with the connection (even on SIGKILL).
 

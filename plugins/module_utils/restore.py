@@ -20,6 +20,7 @@ from ansible_collections.pgops.dbrestore.plugins.module_utils.operation import O
 from ansible_collections.pgops.dbrestore.plugins.module_utils.pooler import FALLBACKS as POOLER_FALLBACKS
 from ansible_collections.pgops.dbrestore.plugins.module_utils.pooler import Pooler
 from ansible_collections.pgops.dbrestore.plugins.module_utils.postgres import ConnParams, PgOpsError, psycopg, sql_error
+from ansible_collections.pgops.dbrestore.plugins.module_utils.registry import lock_holders
 from ansible_collections.pgops.dbrestore.plugins.module_utils.restart import (
     FALLBACKS,
     RestartSpec,
@@ -207,6 +208,10 @@ class RestoreResult:
     format: str = ""
     sha256: str = ""
     checksum_by: str = ""  # identity: taken from our record (the dump was not read); full: the dump was hashed
+    jobs: int = 0  # the jobs this run loads with (jobs, or half the CPUs of the host)
+    # check mode: backends of another restore of this database holding its lock now (a real run would wait
+    # lock_timeout for them, then fail)
+    busy_pids: list[int] = field(default_factory=list)
     server_version: str = ""
     marker_before: dict | None = None
     marker_after: dict | None = None
@@ -255,11 +260,14 @@ class RestoreResult:
 
 def restore_database(params: ConnParams, req: RestoreRequest, *, check_mode: bool = False) -> RestoreResult:
     """Run the request's strategy; a failure raises PgOpsError carrying the partial result."""
-    res = RestoreResult(db=req.db, strategy="rollback" if req.rollback else req.strategy, phase=req.phase)
+    res = RestoreResult(db=req.db, strategy="rollback" if req.rollback else req.strategy, phase=req.phase,
+                        jobs=req.load_jobs)  # fmt: skip
     op: Operation | None = None
     try:
         op = Operation(params, req, res, check_mode)
-        if not check_mode:
+        if check_mode:
+            res.busy_pids = lock_holders(op.conn, req.db)
+        else:
             with op.phase("lock"):
                 res.warnings += op.conn.lock(req.lock_timeout)
             op.progress.start()

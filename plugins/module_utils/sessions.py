@@ -138,6 +138,10 @@ class ClearRequest:
     # sessions already on their way out (PgBouncer closed its server connections at PAUSE): seconds they get
     # to exit on their own before what is left is ended and reported
     exit_grace: float = 0.0
+    # how long no session may be seen before a database that is not closed to everyone counts as clear (0: at
+    # once, for a caller that retries what it runs on OBJECT_IN_USE, as DROP DATABASE fails cleanly when a
+    # session slipped in)
+    settle_seconds: float = SETTLE_SECONDS
 
     @classmethod
     def from_params(cls, p: dict[str, Any]) -> ClearRequest:
@@ -526,7 +530,7 @@ def _terminate_loop(
     """Closed to everyone (allow_connections), the database is clear as soon as no session is on it and none
     is logging in (read in that order: a login not seen in pg_locks either fails on the closed database or
     had shown in pg_stat_activity already), so a switch waits for nothing more. Otherwise (open, or
-    revoke_connect, which superusers pass), or before 10, it must stay clear for SETTLE_SECONDS."""
+    revoke_connect, which superusers pass), or before 10, it must stay clear for req.settle_seconds."""
     exact = req.block == "allow_connections" and info.version_num >= 100000
     poll = POLL_SECONDS / 5 if exact else POLL_SECONDS
     quiet_since: float | None = None
@@ -539,7 +543,7 @@ def _terminate_loop(
             if exact and not starting:
                 break
             quiet_since = quiet_since or now
-            if not exact and now - quiet_since >= SETTLE_SECONDS:
+            if not exact and now - quiet_since >= req.settle_seconds:
                 break
             if exact and now > deadline:
                 raise PgOpsError(

@@ -267,7 +267,9 @@ options:
     default: []
   analyze:
     description:
-      - Run C(ANALYZE) on the restored copy before the switch, so the first queries get good plans.
+      - Run C(ANALYZE) on the restored copy before the switch, so the first queries get good plans. The tables,
+        materialized views and partitioned tables are analyzed largest first over O(jobs) sessions; the system
+        catalogs are left to autovacuum.
     type: bool
     default: true
   lock_timeout:
@@ -534,6 +536,18 @@ checksum_by:
   returned: unless rollback
   type: str
   sample: identity
+jobs:
+  description: The jobs this run loads with, O(jobs) or its default (half the CPUs of the host that runs the module).
+  returned: always
+  type: int
+  sample: 2
+busy_pids:
+  description: In check mode, the backends of another restore of the database that hold its restore lock now; a
+    real run waits O(lock_timeout) for them, then fails. Empty otherwise.
+  returned: always
+  type: list
+  elements: int
+  sample: []
 server_version:
   description: Version of the server.
   returned: always

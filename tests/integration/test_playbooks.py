@@ -224,7 +224,8 @@ def test_refuses_a_database_without_a_dump(pg: PgServer, inventory: Path, hoge_d
 def test_refuses_a_missing_named_dump(pg: PgServer, inventory: Path, hoge_db: str, tmp_path: Path):
     dbs, missing = databases(pg), tmp_path / "hoge_db.missing.dump"
     proc = playbook(inventory, "restore", "-e", "db=hoge_db", "-e", f"dump={missing}")
-    refused(pg, proc, dbs, f"The dump {missing} of hoge_db does not exist on localhost", "-e dump=")
+    refused(pg, proc, dbs, f"The dump {missing} of hoge_db does not exist on localhost", "-e dump=",
+            before_dry_run=False)  # fmt: skip
 
 
 def test_refuses_an_unreadable_dump(pg: PgServer, inventory: Path, hoge_db: str, dumps):
@@ -245,7 +246,7 @@ def test_refuses_an_unreadable_dump(pg: PgServer, inventory: Path, hoge_db: str,
         dbs = databases(pg)
         proc = playbook(inventory, "restore", *extra, env={"ANSIBLE_PIPELINING": "1"})
         refused(pg, proc, dbs, f"The dump {dump} of hoge_db cannot be read by the user the play runs as",
-                "Make it readable")  # fmt: skip
+                "Make it readable", before_dry_run=False)  # fmt: skip
     finally:
         shutil.rmtree(place)
 
@@ -334,7 +335,8 @@ def test_deprecated_names_still_work_and_say_so(pg: PgServer, tmp_path: Path, ba
     host = {"restore_connection": pg.module_args(), "restore_backup_dir": str(backups),
             "restore_bindir": str(client_bindir()), "restore_service_name": "pg-old-name"}  # fmt: skip
     inventory = write_inventory(tmp_path / "old.json", host)
-    proc = playbook(inventory, "restore", "-v", "-e", "db=hoge_db", "-e", "restore_restart_user=pg-old-user")
+    # -vvv: the module arguments (invocation) of each pg_restore_db call are shown
+    proc = playbook(inventory, "restore", "-vvv", "-e", "db=hoge_db", "-e", "restore_restart_user=pg-old-user")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert pg.sql("SELECT count(*) FROM invoice_line", dbname="hoge_db")[0][0] == 2240
     text = report(proc)
@@ -422,3 +424,19 @@ def test_web_trigger_validates_then_restores(pg: PgServer, hoge_db: str, backups
     # the same dump again restores again (the web trigger is a "reset to the dump" button)
     code, answer = trigger(module, "hoge_db", "hoge_db.2026-11-24.dump")
     assert code == 0 and answer["changed"] and answer["previous_db"].startswith("hoge_db_prev_")
+
+
+def test_the_dry_run_and_the_restores_get_the_same_options():
+    """restore.yml (the dry run) and apply.yml (the restores) each write the restore options out (YAML anchors do not
+    cross files): they must stay the same, or the dry run would plan another restore than the one that runs."""
+    tasks = ROOT / "roles" / "restore" / "tasks"
+    by_file = {}
+    for name in ("restore.yml", "apply.yml"):
+        module = "pgops.dbrestore.pg_restore_db"
+        calls = [t[module] for t in walk_tasks(yaml.safe_load((tasks / name).read_text()))
+                 if module in t and "strategy" in t[module]]  # fmt: skip
+        assert calls, name
+        by_file[name] = [{k: v for k, v in c.items() if k not in ("db", "src", "sanitize", "phase", "progress_dir")}
+                         for c in calls]  # fmt: skip
+    first = by_file["restore.yml"][0]
+    assert len(first) >= 25 and all(c == first for calls in by_file.values() for c in calls)

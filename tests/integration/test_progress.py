@@ -3,6 +3,7 @@ interval, read here from a real ansible-playbook run while the restore is held i
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import subprocess
@@ -97,3 +98,63 @@ def test_role_prints_progress_lines_while_the_restore_runs(pg: PgServer, hoge_db
     final = json.loads((progress_dir / "hoge_db.json").read_text())
     assert final["state"] == "done" and final["tables_done"] == 12 and final["indexes_done"] == 22
     assert final["result"]["changed"] is True and "password" not in json.dumps(final)
+
+
+# A restore that takes 32 s by construction and next to no CPU: each of the 320 rows of table slow passes a CHECK
+# that sleeps 0.1 s as COPY loads it (the function sleeps only once the rows are in the source, so making the source
+# is quick). ANALYZE does not run CHECKs, so the rest of the run is as fast as ever.
+SLOW_ROWS = 320
+SLOW_SQL = f"""
+CREATE FUNCTION public.slow_ok(x integer) RETURNS boolean LANGUAGE sql IMMUTABLE AS 'SELECT true';
+CREATE TABLE public.slow (id integer PRIMARY KEY CHECK (public.slow_ok(id)), note text);
+INSERT INTO public.slow SELECT g, 'row ' || g FROM generate_series(1, {SLOW_ROWS}) g;
+CREATE TABLE public.quick (id integer PRIMARY KEY, note text);
+INSERT INTO public.quick SELECT g, md5(g::text) FROM generate_series(1, 1000) g;
+CREATE INDEX quick_note ON public.quick (note);
+CREATE OR REPLACE FUNCTION public.slow_ok(x integer) RETURNS boolean LANGUAGE plpgsql IMMUTABLE AS $$
+BEGIN
+  PERFORM pg_catalog.pg_sleep(0.1);
+  RETURN true;
+END $$;
+"""
+SLOW_LINE = re.compile(
+    r"^slow_db: (?P<phase>[a-z ]+?)(?: (?P<pct>\d+) %)? — (?P<tables>\d+)/2 tables, (?:[\d.]+ (?:[kMG]?B )?of "
+    r"[\d.]+ [kMG]?B, )?(?P<idx>\d+)/3 indexes, (?P<h>\d\d):(?P<m>\d\d):(?P<s>\d\d)$"
+)
+
+
+def test_a_long_role_run_prints_progress_at_the_default_interval(pg: PgServer, tmp_path: Path):
+    """The only test of 30 s or more: a role run at default settings (restore_progress_interval 10) of a restore that
+    takes over 30 s prints a progress line every 10 s while it runs, read from the playbook's output as it comes."""
+    pg.sql("CREATE DATABASE slow_source")
+    pg.sql("CREATE DATABASE slow_db")
+    try:
+        pg.sql(SLOW_SQL, dbname="slow_source")
+        dump = make_dump(pg, "slow_source", "custom", tmp_path / "slow_db.dump")
+        progress_dir = tmp_path / "progress"
+        host = {**login_vars(pg), "restore_bindir": str(client_bindir()), "restore_progress_dir": str(progress_dir)}
+        inventory = write_inventory(tmp_path / "inventory.json", host)
+        argv = [str(BIN / "ansible-playbook"), "-i", str(inventory), "pgops.dbrestore.restore", "-e", "db=slow_db",
+                "-e", f"dump={dump}"]  # fmt: skip
+        started = time.monotonic()
+        proc = subprocess.Popen(argv, env=ansible_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        seen: list[tuple[float, str]] = []  # (when it was read, line)
+        for line in proc.stdout:  # type: ignore[union-attr]
+            seen.append((time.monotonic() - started, line.rstrip("\n")))
+        assert proc.wait(timeout=30) == 0, "\n".join(ln for _t, ln in seen)
+        wall = time.monotonic() - started
+    finally:
+        for (name,) in pg.sql("SELECT datname FROM pg_database WHERE datname ~ '^slow_(source|db)'"):
+            drop_database(pg, name)  # the previous copy and the staging copy of a failed run too
+    text = "\n".join(ln for _t, ln in seen)
+    lines = [(t, m) for t, m in ((t, SLOW_LINE.match(ln)) for t, ln in seen) if m]
+    staging = [(t, m) for t, m in lines if m["phase"] == "staging"]
+    assert wall >= SLOW_ROWS * 0.1, text
+    # a line every 10 s while it loads: at least two, read while the play ran, 10 s apart (give or take a poll)
+    assert len(staging) >= 2 and all(t < wall - 1 for t, _m in staging), text
+    gaps = [b[0] - a[0] for a, b in itertools.pairwise(staging)]
+    assert all(5 <= g <= 20 for g in gaps), (gaps, text)  # 10 s, on a busy machine
+    clock = [int(m["h"]) * 3600 + int(m["m"]) * 60 + int(m["s"]) for _t, m in lines]
+    assert clock == sorted(clock) and clock[-1] >= 20, text
+    assert all(int(m["tables"]) <= 2 and 0 <= int(m["pct"]) < 100 for _t, m in staging), text
+    assert "slow_db: restored from" in text and "[WARNING]" not in text, text

@@ -7,7 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness.pg import PgServer
+from ansible_collections.pgops.dbrestore.plugins.module_utils.postgres import PgOpsError
+from ansible_collections.pgops.dbrestore.plugins.module_utils.registry import LOCK_CLASS
+from ansible_collections.pgops.dbrestore.plugins.module_utils.restore import RestoreRequest, restore_database
+from tests.harness.pg import PgServer, client_bindir
 from tests.integration.test_restore import restore
 
 pytestmark = pytest.mark.newest_major
@@ -89,3 +92,21 @@ def test_records_of_an_older_version_fall_back_to_the_hash(pg: PgServer, dbname:
     assert old.marker_before["sha256"] == old.sha256
     new, read = rerun(pg, dbname, dump)
     assert not new.changed and new.checksum_by == "identity" and read < dump.stat().st_size // 20
+
+
+def test_check_mode_names_another_restore_holding_the_lock(pg: PgServer, dbname: str, tmp_path: Path):
+    """The role takes a dry run that finds nothing to do as the rerun's answer only when busy_pids is empty: while
+    another restore of the database holds its lock, a real run would wait for it (or fail at lock_timeout 0)."""
+    dump = plain_dump(tmp_path / "a.sql", "a")
+    restore(pg, dbname, dump)
+    idle = restore_database(pg.params(), RestoreRequest(db=dbname, src=str(dump), bindir=str(client_bindir())),
+                            check_mode=True)  # fmt: skip
+    assert idle.plan == [] and idle.busy_pids == []
+    with pg.connect() as other:  # a restore of the same database through the same login, holding its lock
+        other_pid = other.execute("SELECT pg_catalog.pg_backend_pid()").fetchone()[0]
+        other.execute("SELECT pg_catalog.pg_advisory_lock(%s, pg_catalog.hashtext(%s))", (LOCK_CLASS, dbname))
+        busy = restore_database(pg.params(), RestoreRequest(db=dbname, src=str(dump), bindir=str(client_bindir())),
+                                check_mode=True)  # fmt: skip
+        assert busy.plan == [] and busy.busy_pids == [other_pid]
+        with pytest.raises(PgOpsError, match="another restore of database"):
+            restore(pg, dbname, dump)  # what the real run does meanwhile (lock_timeout 0)
