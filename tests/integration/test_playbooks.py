@@ -151,6 +151,10 @@ def test_no_previous_copy_no_rollback_offered(pg: PgServer, inventory: Path, hog
     assert not [d for d in databases(pg) if d.startswith("hoge_db_prev_")]
 
 
+# the staging and previous copies of the set's databases (other tests' databases may share the server meanwhile)
+SET_COPIES = tuple(f"{db}{kind}" for db in ("hoge_db", "shard_a", "shard_b") for kind in ("_pgops_staging", "_prev_"))
+
+
 def test_set_with_a_broken_dump_switches_none(pg: PgServer, inventory: Path, hoge_db: str, backups: Path):
     (backups / "shard_b.tar").write_bytes((backups / "shard_b.tar").read_bytes()[:30000])
     before = {db: fingerprint_db(pg, db) for db in ("hoge_db", "shard_a", "shard_b")}
@@ -158,7 +162,7 @@ def test_set_with_a_broken_dump_switches_none(pg: PgServer, inventory: Path, hog
     # the dry run before staging reads every dump through: the damaged one stops the set there
     assert proc.returncode != 0 and "shard_b.tar' is not readable (tar format): truncated" in proc.stdout, proc.stdout
     assert {db: fingerprint_db(pg, db) for db in before} == before
-    assert not [d for d in databases(pg) if d.endswith("_pgops_staging") or "_prev_" in d]
+    assert not [d for d in databases(pg) if d.startswith(SET_COPIES)]
 
 
 def test_set_with_a_dump_that_fails_to_load_switches_none(pg: PgServer, inventory: Path, hoge_db: str, backups: Path):
@@ -167,7 +171,7 @@ def test_set_with_a_dump_that_fails_to_load_switches_none(pg: PgServer, inventor
     proc = playbook(inventory, "restore", "-e", "dbs=hoge_db,shard_a,shard_b")
     assert proc.returncode != 0 and "before any database was switched" in proc.stdout, proc.stdout
     assert {db: fingerprint_db(pg, db) for db in before} == before
-    assert not [d for d in databases(pg) if d.endswith("_pgops_staging") or "_prev_" in d]
+    assert not [d for d in databases(pg) if d.startswith(SET_COPIES)]
 
 
 def test_set_restores_all(pg: PgServer, inventory: Path, hoge_db: str):
@@ -416,7 +420,7 @@ def test_web_trigger_validates_then_restores(pg: PgServer, hoge_db: str, backups
     for argv in refused:
         code, answer = trigger(module, *argv)
         assert code == 2 and not answer["ok"] and answer["error"], argv
-    assert fingerprint_db(pg, hoge_db) == before and not [d for d in databases(pg) if "_prev_" in d]
+    assert fingerprint_db(pg, hoge_db) == before and not [d for d in databases(pg) if d.startswith("hoge_db_prev_")]
 
     code, answer = trigger(module, "hoge_db")
     assert code == 0 and answer["ok"] and answer["changed"] and answer["dump"] == "hoge_db.2026-11-24.dump"
