@@ -51,16 +51,16 @@ def apply_role(**settings):
     return res
 
 
-def get(host):
-    return host.run("curl -sS -m 20 %s", URL)
+def get(host, url=URL):
+    return host.run("curl -sS -m 20 %s", url)
 
 
-def wait_serving(host, workers=4, timeout=60):
+def wait_serving(host, workers=4, timeout=60, url=URL):
     """Until the app answers ok from `workers` different worker processes."""
     seen = set()
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        m = OK.match(get(host).stdout.strip())
+        m = OK.match(get(host, url).stdout.strip())
         if m:
             seen.add(m.group(1))
             if len(seen) >= workers:
@@ -101,12 +101,12 @@ def restore_under_load(host, label):
 
     loop = start_loop(host)
     try:
-        time.sleep(1.5)
+        time.sleep(0.5)
         started = time.monotonic()
         res = playbook(REPO / "playbooks" / "restore.yml", "-v", "-e", "db=hoge_db", "-e", "force=true")
         restore_s = time.monotonic() - started
         assert res.returncode == 0, res.stdout[-4000:] + res.stderr
-        time.sleep(2)
+        time.sleep(1)
     finally:
         host.run("touch %s", LOOP_STOP)
         loop.wait(timeout=60)
@@ -276,77 +276,208 @@ def test_puma_cluster_with_hooks_survives_restore(host):
 
 
 BASE = URL.rstrip("/")
+PUMA = "http://127.0.0.1:8081"  # the same app under puma, a second unit (app-puma), in the button test
 COOKIES = "/tmp/button.cookies"
+TRIGGER = ["/usr/local/sbin/pgops-restore"]
+APP_SUDO = ["runuser", "-u", "app", "--", "sudo", "-n", "-u", "pgopsrun", *TRIGGER]
+AS_RUNAS = ["runuser", "-u", "pgopsrun", "--", *TRIGGER]
+TIMEOUT_S = 6  # unicorn's timeout and puma's worker_timeout in the button test (puma's minimum is above 5)
+LOAD_OUT = "/tmp/load_client.tsv"
+LOAD_STOP = "/tmp/load_client.stop"
 
 
 def browser(host, *args):
-    """curl as a browser would: the cookie jar, no redirect followed; returns 'code location' and the body."""
-    out = host.run("curl -sS -m 30 -b %s -c %s -o /tmp/button.body -w '%%{http_code} %%{redirect_url}' "
-                   + " ".join(["%s"] * len(args)), COOKIES, COOKIES, *args)  # fmt: skip
+    """curl as a browser would: the cookie jar, no redirect followed; returns 'code location', the body and
+    the pid of the worker process that answered (the test app's x-app-pid header)."""
+    fmt = "%{http_code} %{redirect_url}|%header{x-app-pid}"
+    out = host.run("curl -sS -m 30 -b %s -c %s -o /tmp/button.body -w %s " + " ".join(["%s"] * len(args)),
+                   COOKIES, COOKIES, fmt, *args)  # fmt: skip
     assert out.rc == 0, out.stderr
-    return out.stdout.strip(), host.file("/tmp/button.body").content_string
+    answer, pid = out.stdout.strip().split("|")
+    return answer.strip(), host.file("/tmp/button.body").content_string, pid
 
 
-def test_restore_button_keeps_the_user_signed_in(host, tmp_path):
-    """Sign in (a session row in hoge_db), press the restore button, follow the progress page until it
-    redirects: still signed in, the data is the dump's, and the parallel request loop saw no failure."""
-    apply_role(web_host_server="unicorn", web_host_hooks=True)
+def trigger(*argv):
+    """pgops-restore (through the app's sudo rule, or as its run-as user): (exit code, the JSON answer or None)."""
+    res = podman(WEB, *argv, check=False)
+    try:
+        return res.returncode, json.loads(res.stdout.splitlines()[-1])
+    except (ValueError, IndexError):
+        return res.returncode, None
+
+
+def follow_progress(host, base, deadline_s=300):
+    """Reload the progress page (as its meta refresh does, every second) until it redirects; the pages seen."""
+    pages, deadline = 0, time.monotonic() + deadline_s
+    while True:
+        page = browser(host, f"{base}/pgops/restore/progress")
+        if page[0].startswith("303"):
+            assert page[0] == f"303 {base}/whoami", page
+            return pages
+        assert page[0].startswith("200") and 'http-equiv="refresh"' in page[1], page
+        assert time.monotonic() < deadline, page
+        pages += 1
+        time.sleep(1)
+
+
+def kill_idle_worker(host, pid, port):
+    """SIGKILL a worker between requests: stopped, it accepts nothing; killed once it holds no client connection
+    (a connection it held would fail for the test's killing, not for the restore)."""
+    deadline = time.monotonic() + 30
+    while True:
+        host.check_output("kill -STOP %s", pid)
+        held = host.check_output(f"ss -Htnp state established '( sport = :{port} )'")
+        if f"pid={pid}," not in held:
+            host.check_output("kill -KILL %s", pid)
+            break
+        host.check_output("kill -CONT %s", pid)
+        assert time.monotonic() < deadline, held
+        time.sleep(0.005)
+    while host.run("kill -0 %s", pid).rc == 0:  # until the master has reaped it
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+
+
+def load_results(host):
+    """The load client's requests: (server, user, path, start, end, status, pid, body) tuples."""
+    rows = []
+    for line in host.file(LOAD_OUT).content_string.splitlines():
+        base, user, path, start, end, code, pid, body = line.split("\t", 7)
+        rows.append((base, user, path, float(start), float(end), int(code), pid, body))
+    return rows
+
+
+def good(row):
+    _base, user, path, _start, _end, code, _pid, body = row
+    if path == "/login":
+        return code == 303
+    if path == "/whoami":
+        return code == 200 and body == f"user={user}"
+    return code == 200 and OK.match(body) is not None
+
+
+def test_restore_button_under_load_on_unicorn_and_puma(host):
+    """The restore button on unicorn and puma (timeouts 6 s) under signed-in load on both, with the refusals.
+
+    The browser signs in on unicorn, the app changes data, the button starts the restore (its dump, from
+    prepare, restores for longer than the servers' timeout) and the worker that started it is killed; the
+    progress page follows it to the end: still signed in, the dump's data. The app changes data again and
+    the button on puma restores the same dump again. Signed-in clients on both servers, several threads
+    each, request the database all along: not one request fails.
+    """
+    apply_role(web_host_server="unicorn", web_host_hooks=True, web_host_timeout=TIMEOUT_S)
+    apply_role(web_host_service="app-puma", web_host_user="app", web_host_app_dir="/srv/app",
+               web_host_server="puma", web_host_workers=2, web_host_listen="127.0.0.1:8081",
+               web_host_timeout=TIMEOUT_S)  # fmt: skip
+    try:
+        button_under_load(host)
+    finally:
+        host.run("touch %s", LOAD_STOP)
+        host.run("systemctl disable --now app-puma")
+
+
+def button_under_load(host):
+    assert f"\ntimeout {TIMEOUT_S}\n" in host.file("/etc/app/unicorn.rb").content_string
+    assert f"\nworker_timeout {TIMEOUT_S}\n" in host.file("/etc/app-puma/puma.rb").content_string
+    assert "puma" in host.check_output("systemctl show -P ExecStart app-puma")
     psql("CREATE TABLE IF NOT EXISTS sessions (id bigserial PRIMARY KEY, session_id varchar NOT NULL UNIQUE,"
          " data text); GRANT SELECT, INSERT, UPDATE, DELETE ON sessions TO hoge_app;"
          " GRANT USAGE ON SEQUENCE sessions_id_seq TO hoge_app;"
          " DROP TABLE IF EXISTS public.pgops_probe")  # fmt: skip
-    podman(DB, "runuser", "-u", "postgres", "--", "pg_dump", "-Fc", "-f", "/tmp/hoge_db.button.dump", "hoge_db")
-    subprocess.run(["podman", "cp", f"{DB}:/tmp/hoge_db.button.dump", str(tmp_path / "dump")], check=True)
-    subprocess.run(["podman", "cp", str(tmp_path / "dump"), f"{WEB}:/var/backups/pgops-app/hoge_db.button.dump"],
-                   check=True)  # fmt: skip
-    host.check_output("chmod 0644 /var/backups/pgops-app/hoge_db.button.dump")
+    # a newer link out of the backup directory, which no start may take
+    host.check_output("ln -sfn /etc/passwd /var/backups/pgops-app/hoge_db.zz-outside.dump")
     res = playbook(SCENARIO_DIR / "web_trigger.yml")
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr
     wait_serving(host)
+    wait_serving(host, workers=2, url=f"{PUMA}/")
 
-    host.run("rm -f %s", COOKIES)
+    # refusals: each its JSON error and exit code, nothing changed
+    oid = psql("SELECT oid FROM pg_database WHERE datname = 'hoge_db'").strip()
+    before = trigger(*APP_SUDO, "status", "hoge_db")
+    for argv, code in (
+        ([*AS_RUNAS, "start", "other_db"], 2),
+        ([*AS_RUNAS, "start", "hoge_db", "--force"], 2),
+        ([*AS_RUNAS, "--config=/tmp/x", "start", "hoge_db"], 2),
+        ([*AS_RUNAS, "start", "hoge_db", "hoge_db.zz-outside.dump"], 2),
+    ):
+        got = trigger(*argv)
+        assert got[0] == code and got[1]["ok"] is False and got[1]["error"], (argv, got)
+    assert trigger(*APP_SUDO, "start", "other_db")[0] == 1  # sudo's own refusal: not the app's to run
+    assert trigger(*APP_SUDO, "status", "hoge_db") == before
+    assert psql("SELECT oid FROM pg_database WHERE datname = 'hoge_db'").strip() == oid
+
+    host.run("rm -f %s %s", COOKIES, LOAD_OUT)
     assert browser(host, "-d", "user=admin", f"{BASE}/login")[0] == f"303 {BASE}/whoami"
     assert browser(host, f"{BASE}/whoami")[1] == "user=admin\n"  # signed in after the dump was made
     psql("CREATE TABLE public.pgops_probe ()")  # the app changed its data since the dump
 
-    loop = start_loop(host)
+    host.run("rm -f %s", LOAD_STOP)
+    load = subprocess.Popen(["podman", "exec", WEB, "/usr/local/bin/load_client.py", LOAD_OUT, LOAD_STOP,
+                             "3", "0.02", BASE, PUMA])  # fmt: skip
     try:
-        time.sleep(1.5)
+        deadline = time.monotonic() + 30
+        while len([r for r in load_results(host) if r[2] != "/login"]) < 30:  # every user signed in and served
+            assert time.monotonic() < deadline and load.poll() is None
+            time.sleep(0.1)
+
+        # 1. unicorn: press, a second start is busy, the worker that started it is killed, the page follows it
         pressed = browser(host, "-H", f"Origin: {BASE}", "-d", "", f"{BASE}/pgops/restore")
         assert pressed[0] == f"303 {BASE}/pgops/restore/progress", pressed
-        pages, deadline = 0, time.monotonic() + 300
-        while True:  # the progress page reloads itself every second until the restore is done
-            page = browser(host, f"{BASE}/pgops/restore/progress")
-            if page[0].startswith("303"):
-                break
-            assert page[0].startswith("200") and 'http-equiv="refresh"' in page[1], page
-            assert time.monotonic() < deadline, page
-            pages += 1
-            time.sleep(1)
-        assert page[0] == f"303 {BASE}/whoami", page
-        time.sleep(2)
-    finally:
-        host.run("touch %s", LOOP_STOP)
-        loop.wait(timeout=60)
+        worker = pressed[2]
+        master = host.check_output("systemctl show -P MainPID app")
+        assert host.check_output("ps -o ppid= -p %s", worker).strip() == master  # one of unicorn's workers
+        code, busy = trigger(*APP_SUDO, "start", "hoge_db")
+        first = trigger(*APP_SUDO, "status", "hoge_db")[1]
+        assert code == 4 and busy["ok"] is False and busy["running"]["job"] == first["job"], busy
+        assert first["dump"] == "hoge_db.button.dump" and first["state"] in ("queued", "running"), first
+        kill_idle_worker(host, worker, 8080)
+        assert trigger(*APP_SUDO, "status", "hoge_db")[1]["state"] in ("queued", "running", "switching")
+        pages = follow_progress(host, BASE)
+        assert browser(host, f"{BASE}/whoami")[1] == "user=admin\n"  # still signed in
+        first = json.loads(browser(host, f"{BASE}/pgops/restore/status")[1])
+        assert first["state"] == "done" and first["outcome"]["changed"] is True, first
+        assert first["finished_at"] - first["started_at"] > TIMEOUT_S, first  # outlasted the request timeout
+        assert psql("SELECT to_regclass('public.pgops_probe') IS NULL").strip() == "t"  # the dump's data
+        rows = int(psql("SELECT count(*) FROM public.pgops_bulk"))
 
-    assert browser(host, f"{BASE}/whoami")[1] == "user=admin\n"  # still signed in
-    status = json.loads(browser(host, f"{BASE}/pgops/restore/status")[1])
-    assert status["state"] == "done" and status["outcome"]["changed"] is True, status
-    assert psql("SELECT to_regclass('public.pgops_probe') IS NULL").strip() == "t"  # the dump's data
-    reqs = []
-    for line in host.file(LOOP_OUT).content_string.splitlines():
-        start, end, code, body = line.split("\t", 3)
-        reqs.append(Request(float(start), float(end), int(code), body))
-    failed = [r for r in reqs if not r.ok]
-    summary = {"run": "restore button", "requests": len(reqs), "progress_pages": pages, "failed": len(failed),
-               "errors": sorted({re.sub(r"pid=\d+ ", "", r.body)[:160] for r in failed})[:5],
-               "last_requests_new_copy": all(r.ok and r.field(4) == "f" for r in reqs[-20:])}  # fmt: skip
+        # 2. the app changes data again; the button on puma restores the same dump again
+        psql("CREATE TABLE public.pgops_probe ()")
+        again = browser(host, "-H", f"Origin: {PUMA}", "-d", "", f"{PUMA}/pgops/restore")
+        assert again[0] == f"303 {PUMA}/pgops/restore/progress", again
+        pages += follow_progress(host, PUMA)
+        assert browser(host, f"{PUMA}/whoami")[1] == "user=admin\n"
+        second = json.loads(browser(host, f"{PUMA}/pgops/restore/status")[1])
+        assert second["state"] == "done" and second["outcome"]["changed"] is True, second
+        assert second["job"] != first["job"] and second["dump"] == first["dump"], second
+        assert psql("SELECT to_regclass('public.pgops_probe') IS NULL").strip() == "t"
+        assert int(psql("SELECT count(*) FROM public.pgops_bulk")) == rows
+        time.sleep(1)
+    finally:
+        host.run("touch %s", LOAD_STOP)
+        load.wait(timeout=60)
+
+    reqs = load_results(host)
+    failed = [r for r in reqs if not good(r)]
+    by_server = {b: [r for r in reqs if r[0] == b and r[2] != "/login"] for b in (BASE, PUMA)}
+    summary = {
+        "run": "restore button under load", "requests": {b: len(r) for b, r in by_server.items()},
+        "progress_pages": pages, "failed": len(failed), "killed_worker": worker,
+        "restore_s": [round(j["finished_at"] - j["started_at"], 1) for j in (first, second)],
+        "switch_window_ms": [j["outcome"]["switch_window_ms"] for j in (first, second)],
+        "max_latency_ms": round(max(r[4] - r[3] for r in reqs) * 1000),
+        "errors": sorted({f"{r[0]} {r[2]} {r[5]} {r[7][:120]}" for r in failed})[:5],
+    }  # fmt: skip
     print(json.dumps(summary, indent=2))
     report = json.loads(REPORT.read_text()) if REPORT.exists() else {}
     report["restore button"] = summary
     REPORT.write_text(json.dumps(report, indent=2))
-    assert len(reqs) > 100 and summary["last_requests_new_copy"], summary
     assert failed == [], summary
+    for base, served in by_server.items():
+        # both servers, all along: from before the first restore began to after the second ended
+        assert len({r[1] for r in served}) == 3, (base, summary)
+        assert min(r[3] for r in served) < first["queued_at"], (base, summary)
+        assert max(r[4] for r in served) > second["finished_at"], (base, summary)
+        assert len([r for r in served if r[2] == "/" and r[7].split()[3] != f"oid={oid}"]) > 10, (base, summary)
 
 
 def test_control_unicorn_without_hooks_fails(host):
