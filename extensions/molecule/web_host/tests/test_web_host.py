@@ -2,8 +2,9 @@
 
 Each test restores hoge_db on db1 with playbooks/restore.yml while web1 requests the test app
 (tests/app) every 15 ms, then reads what every request got. The tests run in file order:
-unicorn with the role's hooks (the converged state), puma in cluster mode, then a control run
-of unicorn without the hooks, which shows the errors the hooks prevent.
+unicorn with the role's hooks (the converged state), puma in cluster mode, the restore button
+under both servers at once with signed-in load (test_restore_button_under_load_on_unicorn_and_puma),
+then a control run of unicorn without the hooks, which shows the errors the hooks prevent.
 """
 
 import json
