@@ -50,7 +50,7 @@ def user_loop(base: str, user: str, stop: str, interval: float, write) -> None:
         path = paths[n % 2]
         n += 1
         start = time.time()
-        status, pid, line, _ = request(base, "GET", path, cookie)
+        status, pid, line, _cookie = request(base, "GET", path, cookie)
         write(base, user, path, start, time.time(), status, pid, line)
         time.sleep(max(0.0, interval - (time.time() - start)))
 
