@@ -25,7 +25,7 @@ REPO = SCENARIO_DIR.parents[2]
 INVENTORY = SCENARIO_DIR / "inventory" / "hosts.yml"
 URL = "http://127.0.0.1:8080/"
 PUMA = "http://127.0.0.1:8081"  # the same app under puma: a second unit, app-puma
-TIMEOUT_S = 6  # puma's worker_timeout, and unicorn's timeout in the button test (puma's minimum is above 5)
+TIMEOUT_S = 6  # unicorn's timeout (inventory/group_vars/web.yml) and puma's worker_timeout (above 5 at least)
 PUMA_UNIT = {"web_host_service": "app-puma", "web_host_user": "app", "web_host_app_dir": "/srv/app",
              "web_host_server": "puma", "web_host_workers": 2, "web_host_listen": "127.0.0.1:8081",
              "web_host_timeout": TIMEOUT_S}  # fmt: skip
@@ -249,17 +249,17 @@ def test_other_modes_render_and_parse(host):
     """The multi-database and Octopus variants (Octopus cannot be installed here) render and parse."""
     res = playbook(SCENARIO_DIR / "render.yml", "--tags", "config")
     assert res.returncode == 0, res.stdout + res.stderr
-    for mode in ("multi", "octopus"):
-        for server in ("unicorn", "puma"):
-            d = f"/etc/{mode}-{server}"
-            res = host.run(f"ruby -c {d}/pgops_db.rb {d}/{server}.d/pgops_hooks.rb {d}/{server}.rb")
-            assert res.rc == 0, res.stdout + res.stderr
-            lib = host.file(f"{d}/pgops_db.rb").content_string
-            if mode == "octopus":
-                assert "connection_proxy.instance_variable_get(:@shards)" in lib
-                assert "clear_reloadable_connections!" in lib and "disconnect!" in lib
-            else:
-                assert "clear_all_connections!" in lib and "connection_pool_list" in lib
+    # each template in each mode and for each server (the other pairs differ in comments only)
+    for mode, server in (("multi", "unicorn"), ("octopus", "puma")):
+        d = f"/etc/{mode}-{server}"
+        res = host.run(f"ruby -c {d}/pgops_db.rb {d}/{server}.d/pgops_hooks.rb {d}/{server}.rb")
+        assert res.rc == 0, res.stdout + res.stderr
+        lib = host.file(f"{d}/pgops_db.rb").content_string
+        if mode == "octopus":
+            assert "connection_proxy.instance_variable_get(:@shards)" in lib
+            assert "clear_reloadable_connections!" in lib and "disconnect!" in lib
+        else:
+            assert "clear_all_connections!" in lib and "connection_pool_list" in lib
     assert not host.file("/etc/systemd/system/multi-unicorn.service").exists
 
 
@@ -374,7 +374,7 @@ def test_restore_button_under_load_on_unicorn_and_puma(host):
     the button on puma restores the same dump again. Signed-in clients on both servers, several threads
     each, request the database all along: not one request fails.
     """
-    apply_role(web_host_server="unicorn", web_host_hooks=True, web_host_timeout=TIMEOUT_S)
+    assert "pgops_hooks" in host.file("/etc/app/unicorn.rb").content_string  # the converged unicorn
     if host.run("systemctl is-active app-puma").rc != 0:  # the puma test's unit; alone, this test starts it
         apply_role(**PUMA_UNIT)
     try:
