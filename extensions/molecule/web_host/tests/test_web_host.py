@@ -332,15 +332,12 @@ def follow_progress(host, base, deadline_s=300):
 def kill_idle_worker(host, pid, port):
     """SIGKILL a worker between requests: stopped, it accepts nothing; killed once it holds no client connection
     (a connection it held would fail for the test's killing, not for the restore)."""
+    script = (f"kill -STOP {pid}; sleep 0.05; "
+              f"if ss -Htnp state established '( sport = :{port} )' | grep -q 'pid={pid},'; "
+              f"then kill -CONT {pid}; exit 1; else kill -KILL {pid}; fi")  # fmt: skip
     deadline = time.monotonic() + 30
-    while True:
-        host.check_output("kill -STOP %s", pid)
-        held = host.check_output(f"ss -Htnp state established '( sport = :{port} )'")
-        if f"pid={pid}," not in held:
-            host.check_output("kill -KILL %s", pid)
-            break
-        host.check_output("kill -CONT %s", pid)
-        assert time.monotonic() < deadline, held
+    while host.run("sh -c %s", script).rc != 0:
+        assert time.monotonic() < deadline
         time.sleep(0.005)
     while host.run("kill -0 %s", pid).rc == 0:  # until the master has reaped it
         assert time.monotonic() < deadline
@@ -438,7 +435,9 @@ def button_under_load(host):
         first = trigger(*APP_SUDO, "status", "hoge_db")[1]
         assert code == 4 and busy["ok"] is False and busy["running"]["job"] == first["job"], busy
         assert first["dump"] == "hoge_db.button.dump" and first["state"] in ("queued", "running"), first
+        kill_window = [float(host.check_output("date +%s.%N"))]
         kill_idle_worker(host, worker, 8080)
+        kill_window.append(float(host.check_output("date +%s.%N")))
         assert trigger(*APP_SUDO, "status", "hoge_db")[1]["state"] in ("queued", "running", "switching")
         pages = follow_progress(host, BASE)
         assert browser(host, f"{BASE}/whoami")[1] == "user=admin\n"  # still signed in
@@ -465,10 +464,14 @@ def button_under_load(host):
 
     reqs = load_results(host)
     failed = [r for r in reqs if not good(r)]
+    # the one request the killed worker may have been serving as it was killed (it is stopped, and killed
+    # only once it holds no connection, but a connection it accepts as the stop lands can slip through)
+    by_kill = [r for r in failed if r[0] == BASE and r[5] == 0 and r[3] <= kill_window[1] and r[4] >= kill_window[0]]
+    failed = [r for r in failed if r not in by_kill]
     by_server = {b: [r for r in reqs if r[0] == b and r[2] != "/login"] for b in (BASE, PUMA)}
     summary = {
         "run": "restore button under load", "requests": {b: len(r) for b, r in by_server.items()},
-        "progress_pages": pages, "failed": len(failed), "killed_worker": worker,
+        "progress_pages": pages, "failed": len(failed), "killed_worker": worker, "lost_with_the_worker": len(by_kill),
         "restore_s": [round(j["finished_at"] - j["started_at"], 1) for j in (first, second)],
         "switch_window_ms": [j["outcome"]["switch_window_ms"] for j in (first, second)],
         "max_latency_ms": round(max(r[4] - r[3] for r in reqs) * 1000),
@@ -478,7 +481,7 @@ def button_under_load(host):
     report = json.loads(REPORT.read_text()) if REPORT.exists() else {}
     report["restore button"] = summary
     REPORT.write_text(json.dumps(report, indent=2))
-    assert failed == [], summary
+    assert failed == [] and len(by_kill) <= 1, summary
     for base, served in by_server.items():
         # both servers, all along: from before the first restore began to after the second ended
         assert len({r[1] for r in served}) == 3, (base, summary)
