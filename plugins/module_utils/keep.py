@@ -21,6 +21,7 @@ import re
 import secrets
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -138,18 +139,21 @@ def schema_sql(dump: Any, bindir: str | None, tables: list[KeepTable]) -> str:
     return b"\n".join(found).decode(errors="replace")
 
 
-def differences(live: list[tuple[str, str, str]], in_dump: list[str]) -> list[str]:
-    """What differs between the live columns and the dump's CREATE TABLE lines (empty: the same)."""
+def differences(live: list[tuple[str, str, str]], in_dump: list[str], other: str = "dump") -> list[str]:
+    """What differs between the live columns and the dump's CREATE TABLE lines (empty: the same).
+
+    other names the dump's side in the messages ("source" for a source database's columns).
+    """
     problems = []
     for i in range(max(len(live), len(in_dump))):
         want = f"{live[i][1]} {live[i][2]}" if i < len(live) else None
         got = in_dump[i] if i < len(in_dump) else None
         if want is None:
-            problems.append(f"the dump has a column more ({got})")
+            problems.append(f"the {other} has a column more ({got})")
         elif got is None:
-            problems.append(f"the dump lacks column {live[i][1]} ({live[i][2]})")
+            problems.append(f"the {other} lacks column {live[i][1]} ({live[i][2]})")
         elif got != want and not got.startswith(want + " "):
-            problems.append(f"column {i + 1}: live {want!r}, dump {got!r}")
+            problems.append(f"column {i + 1}: live {want!r}, {other} {got!r}")
     return problems
 
 
@@ -182,7 +186,32 @@ def unsafe_code(conn: Any, table: KeepTable) -> list[str]:
 
 
 def preflight_problems(conn: Any, info: Any, tables: list[KeepTable], live_exists: bool, dump_sql: str) -> list[str]:
-    """Why keep_tables cannot work for this restore (empty: it can), found before anything is staged."""
+    """Why keep_tables cannot work for this restore of a dump (empty: it can), found before anything is staged."""
+    return _problems(conn, info, tables, live_exists, "dump", lambda table: dump_columns(dump_sql, table))
+
+
+def source_preflight_problems(
+    conn: Any, info: Any, tables: list[KeepTable], live_exists: bool, source: Any
+) -> list[str]:
+    """The same for a source database streamed in (source): the live tables against the source's catalogs.
+
+    source is a connection into the source database; the staged copy gets its tables as they are there.
+    """
+
+    def source_columns(table: KeepTable) -> list[str] | None:
+        found = columns(source, table)
+        return None if found is None else [f"{quoted} {kind}" for _name, quoted, kind in found]
+
+    problems = _problems(conn, info, tables, live_exists, "source database", source_columns)
+    for table in tables:
+        problems += [f"keep_tables: {table} in the source database: {p}" for p in unsafe_code(source, table)]
+    return problems
+
+
+def _problems(
+    conn: Any, info: Any, tables: list[KeepTable], live_exists: bool, other: str,
+    other_columns: Callable[[KeepTable], list[str] | None],
+) -> list[str]:  # fmt: skip
     if not tables:
         return []
     problems = []
@@ -198,13 +227,14 @@ def preflight_problems(conn: Any, info: Any, tables: list[KeepTable], live_exist
         if live is None:
             problems.append(f"keep_tables: the live database has no table {table}")
             continue
-        in_dump = dump_columns(dump_sql, table)
-        if in_dump is None:
-            problems.append(f"keep_tables: the dump has no table {table}")
+        theirs = other_columns(table)
+        if theirs is None:
+            problems.append(f"keep_tables: the {other} has no table {table}")
             continue
-        diff = differences(live, in_dump)
+        diff = differences(live, theirs, other.split()[0])
         if diff:
-            problems.append(f"keep_tables: {table} differs between the live database and the dump: {'; '.join(diff)}")
+            between = f"between the live database and the {other}"
+            problems.append(f"keep_tables: {table} differs {between}: {'; '.join(diff)}")
         problems += [f"keep_tables: {table}: {p}" for p in unsafe_code(conn, table)]
     return problems
 

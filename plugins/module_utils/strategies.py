@@ -43,6 +43,7 @@ from ansible_collections.pgops.dbrestore.plugins.module_utils.keep import (
     parse_tables,
     preflight_problems,
     schema_sql,
+    source_preflight_problems,
 )
 from ansible_collections.pgops.dbrestore.plugins.module_utils.load import (
     LoadOptions,
@@ -621,9 +622,12 @@ class DumpRestore:
         leftover = [drop_leftover(t, "left behind by an interrupted run")] if t.staging_oid is not None else []
         with op.phase("preflight"):
             checks = t.preflight().can_create()
-            checks.problems += source.problems(t.bindir) + script_problems
+            unreadable = source.problems(t.bindir)
+            checks.problems += unreadable + script_problems
             if op.req.sanitize:
                 checks.problems += owner_problems(op.conn, sanitize_owner(t))
+            if not unreadable:  # a source that cannot be read is reported once, above
+                checks.problems += keep_tables_source_problems(t, source)
             checks.raise_if_any()
         return leftover + self.after_leftover(t, Staging(t, source, scripts))
 
@@ -744,6 +748,18 @@ def keep_tables_problems(t: Target, dump: DumpSource) -> list[str]:
         return preflight_problems(t.op.conn, t.op.info, tables, False, dump_sql)
     with connect(t.op.params.with_db(t.db)) as live:
         return preflight_problems(live, t.op.info, tables, True, dump_sql)
+
+
+def keep_tables_source_problems(t: Target, source: ServerSource) -> list[str]:
+    """keep_tables' preflight for a source database: each table in the live database and the source alike."""
+    tables = parse_tables(t.op.req.keep_tables)
+    if not tables:
+        return []
+    with connect(source.params) as src:
+        if t.live_oid is None:
+            return source_preflight_problems(t.op.conn, t.op.info, tables, False, src)
+        with connect(t.op.params.with_db(t.db)) as live:
+            return source_preflight_problems(live, t.op.info, tables, True, src)
 
 
 class KeepTables:

@@ -183,7 +183,8 @@ options:
       - The rows are copied once the live database is closed and cleared, so no write is lost; the copy's time is
         part of RV(switch_window_ms) and reported in RV(kept_tables).
       - Refused before anything is staged (also in check mode) when a table's columns differ between the live
-        database and the dump, when it is missing in either, or when the login role is not a superuser. The rows
+        database and the dump (with O(source), the source database's tables), when it is missing in either, or
+        when the login role is not a superuser. The rows
         are written with C(session_replication_role=replica), so the app's ordinary triggers and the foreign-key
         triggers do not fire (no app code runs with the superuser's rights, and rows may reference rows the
         dump lacks); tables with triggers that fire even then (C(ENABLE ALWAYS), C(ENABLE REPLICA)), or whose

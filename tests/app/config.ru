@@ -10,7 +10,8 @@
 # "sessions" the molecule test creates): POST /login user=<name> signs in (cookie sid), GET
 # /whoami answers "user=<name or ->". With PGOPS_BUTTON_LIB set, the restore button (the role's
 # pgops_restore_button.rb) is at /pgops/restore for the user "admin", running the command in
-# PGOPS_RESTORE_COMMAND (a JSON list).
+# PGOPS_RESTORE_COMMAND (a JSON list). Every response carries the header x-app-pid: the pid of
+# the worker process that answered it (the tests kill the worker that started a restore).
 require "active_record"
 require "json"
 require "securerandom"
@@ -66,6 +67,19 @@ class ShowErrors
   end
 end
 
+# Outermost: every answer, the restore button's too, names the worker process that gave it.
+class ReportPid
+  def initialize(app)
+    @app = app
+  end
+
+  def call(env)
+    status, headers, body = @app.call(env)
+    [status, headers.merge("x-app-pid" => Process.pid.to_s), body]
+  end
+end
+
+use ReportPid
 use ShowErrors
 if (lib = ENV["PGOPS_DB_LIB"]) && !lib.empty?
   require lib

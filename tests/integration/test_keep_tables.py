@@ -10,7 +10,7 @@ from ansible_collections.pgops.dbrestore.plugins.module_utils.postgres import Pg
 from ansible_collections.pgops.dbrestore.plugins.module_utils.restore import RestoreRequest, restore_database
 from tests.conftest import drop_database
 from tests.harness.dumps import make_dump
-from tests.harness.pg import PgServer, client_bindir
+from tests.harness.pg import SUPERUSER, SUPERUSER_PASSWORD, PgServer, client_bindir
 from tests.integration.conftest import fingerprint_db
 
 pytestmark = pytest.mark.newest_major
@@ -90,3 +90,32 @@ def test_a_table_that_differs_from_the_dump_is_refused_before_staging(pg: PgServ
     with pytest.raises(PgOpsError, match="strategy=swap only"):
         request(app_db, keep_tables=("sessions",), strategy="replace")
     assert fingerprint_db(pg, DB) == before
+
+
+def test_keep_tables_with_a_source_database_is_checked_before_staging(pg: PgServer, app_db: Path):
+    """A streamed restore (source): the preflight, check mode too, compares the live tables with the source's."""
+    source = f"{DB}_source"
+    pg.sql(f"CREATE DATABASE {source} TEMPLATE {DB}")  # the app's schema, as the source server has it
+    src = {"db": source, "host": "127.0.0.1", "port": pg.port, "user": SUPERUSER, "password": SUPERUSER_PASSWORD,
+           "ssl_mode": "disable"}  # fmt: skip
+    pg.sql("ALTER TABLE sessions DISABLE TRIGGER sessions_audit", dbname=source)
+    pg.sql("ALTER TABLE sessions DISABLE TRIGGER sessions_audit", dbname=DB)
+    req = RestoreRequest(db=DB, source=src, bindir=str(client_bindir()), keep_previous=0, keep_tables=("sessions",))
+    res = restore_database(pg.params(), req, check_mode=True)  # alike: check mode finds nothing
+    assert res.changed
+
+    pg.sql("ALTER TABLE sessions ADD COLUMN user_id bigint", dbname=DB)  # a migration the source has not had
+    pg.sql("ALTER TABLE sessions ENABLE ALWAYS TRIGGER sessions_audit", dbname=source)
+    before = fingerprint_db(pg, DB)
+    for check_mode in (True, False):
+        with pytest.raises(PgOpsError) as exc:
+            restore_database(pg.params(), req, check_mode=check_mode)
+        assert "public.sessions differs between the live database and the source database" in str(exc.value)
+        assert "the source lacks column user_id (bigint)" in str(exc.value)
+        assert "public.sessions in the source database: trigger sessions_audit fires even" in str(exc.value)
+        assert exc.value.details.get("created") == [], exc.value.details  # refused before staging
+    assert fingerprint_db(pg, DB) == before
+    pg.sql("DROP TABLE sessions", dbname=source)
+    with pytest.raises(PgOpsError, match=r"the source database has no table public\.sessions"):
+        restore_database(pg.params(), req, check_mode=True)
+    drop_database(pg, source)
