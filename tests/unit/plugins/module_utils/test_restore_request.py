@@ -25,7 +25,7 @@ def test_defaults():
     assert req.tool_args == () and req.keep_previous == 1 and req.phase == "all"
     assert req.jobs is None and req.load_jobs == DEFAULT_JOBS == max(1, (os.cpu_count() or 2) // 2)
     assert RestoreRequest(db="x", src="/d", jobs=3).load_jobs == 3
-    assert set(STRATEGIES) == {"swap", "replace"} and PHASES == ("all", "stage", "switch", "abort")
+    assert set(STRATEGIES) == {"swap", "replace"} and PHASES == ("all", "stage", "close", "switch", "open", "abort")
 
 
 @pytest.mark.parametrize(
