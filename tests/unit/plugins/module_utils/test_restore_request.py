@@ -32,7 +32,7 @@ def test_defaults():
     ("kw", "msg"),
     [
         (dict(src="/d", strategy="copy"), r"strategy must be one of \['swap', 'replace'\], not 'copy'"),
-        (dict(src="/d", phase="later"), r"phase must be one of \['all', 'stage', 'switch', 'abort'\]"),
+        (dict(src="/d", phase="later"), r"phase must be one of \['all', 'stage', 'close', 'switch', 'open', 'abort'\]"),
         (dict(src="/d", block_new_connections="none"), r"block_new_connections must be one of \['allow_connections'"),
         (dict(src="/d", fallback="restart"), "fallback=restart needs restart_patroni_url, restart_service"),
         (dict(src="/d", fallback="pray"), r"fallback must be one of \['none', 'restart'\]"),
