@@ -137,9 +137,9 @@ options:
         (shards) so that none is switched unless every one staged and verified. Only with O(strategy=swap).
       - V(close) closes O(db) and its staged copy to new connections (O(block_new_connections), what it takes is
         recorded) and ends their sessions; V(open) gives back what V(close) took. A set run as close on every
-        host, then switch on every host, then open on every host, is never seen half switched: a session on an
+        host, then switch on every host, then open on every host, is never seen half switched (a session on an
         old copy ends before any restored copy can be reached, and the restored copies stay closed until all
-        switched (or, after a failed switch, all rolled back).
+        switched, or, after a failed switch, all rolled back).
     type: str
     choices: [ all, stage, close, switch, open, abort ]
     default: all
