@@ -536,7 +536,8 @@ def test_set_restores_every_shard_on_both_hosts(host, db2, web):
     result = run_playbook("restore", *SET)
     assert result.returncode == 0, result.stdout
     assert generations() == {"shard1": "2", "shard2": "2", "shard3": "2"} and not closed_shards(host, db2)
-    assert re.search(r"closed on every host from the first close to the last reopen \d+ ms", result.stdout)
+    report = re.sub(r"\s*\n\s+", " ", result.stdout)  # the report's folded lines, unfolded
+    assert re.search(r"closed on every host from the first close to the last reopen \d+ ms", report), report
     wait_for(lambda: last_read(web, started) == ("ok", "2,2,2"), "the app never read the new shards", 30)
     reads = shard_reads(web, started)
     assert reads[0][1:] == ("ok", "1,1,1") and not [r for r in reads if r[1] == "MIXED"], reads
