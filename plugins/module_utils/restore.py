@@ -171,7 +171,7 @@ class RestoreRequest:
             raise PgOpsError("rollback=true swaps the previous copy back and reads no dump: leave src out")
         if self.rollback and self.strategy != "swap":
             raise PgOpsError("rollback=true always swaps: leave strategy out")
-        if self.source and (self.src or self.rollback or self.phase in ("switch", "abort")):
+        if self.source and (self.src or self.rollback or self.phase not in ("all", "stage")):
             raise PgOpsError("source (a database to stream from) replaces src, and goes with phase=all or phase=stage "
                              "only, not with rollback")  # fmt: skip
         if self.source and self.strategy != "swap":
@@ -180,7 +180,7 @@ class RestoreRequest:
         if not self.rollback and not self.src and not self.source and self.phase in ("all", "stage"):
             raise PgOpsError("src (the dump to restore) or source (a database to stream from) is required unless "
                              "rollback=true")  # fmt: skip
-        if self.sanitize and (self.rollback or self.phase in ("switch", "abort")):
+        if self.sanitize and (self.rollback or self.phase not in ("all", "stage")):
             raise PgOpsError("sanitize scripts run while a copy is staged: give them with phase=all or phase=stage, "
                              "not with rollback or phase=switch/abort")  # fmt: skip
         if self.keep_previous < 0:
@@ -232,6 +232,8 @@ class RestoreResult:
     logical: dict[str, list] = field(default_factory=dict)  # subscriptions handed over, slots recreated
     standbys: list[dict] = field(default_factory=list)  # per standby: replayed, lag_bytes, lag_ms, sessions_ended
     switched_at: float = 0.0  # UNIX time the renames committed (0: no switch), for the spread of a set
+    closed_at: float = 0.0  # phase=close: UNIX time the set's barrier closed here (0: not closed)
+    opened_at: float = 0.0  # phase=open: UNIX time it reopened here (0: nothing to reopen)
     kept_tables: dict[str, Any] = field(default_factory=dict)  # keep_tables: rows carried per table, ms in the window
     phases_ms: dict[str, int] = field(default_factory=dict)
     stripped_statements: list[str] = field(default_factory=list)

@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from ansible_collections.pgops.dbrestore.plugins.module_utils.barrier import close_steps, held_state, open_steps
 from ansible_collections.pgops.dbrestore.plugins.module_utils.blocking import (
     BlockMethod,
     BlockState,
@@ -93,8 +94,9 @@ from ansible_collections.pgops.dbrestore.plugins.module_utils.standbys import Fo
 from ansible_collections.pgops.dbrestore.plugins.module_utils.stream import ServerSource, source_params
 
 # all: the whole restore; stage/switch split it so a set of databases (shards) is switched only
-# when every staged copy verified; abort drops a staged copy
-PHASES = ("all", "stage", "switch", "abort")
+# when every staged copy verified; abort drops a staged copy; close/open hold every database of a
+# set closed from before the first switch to after the last (barrier.py)
+PHASES = ("all", "stage", "close", "switch", "open", "abort")
 EXIT_GRACE_SECONDS = 0.05  # behind a paused PgBouncer: how long its closed server connections get to go away
 
 
@@ -824,22 +826,26 @@ def switch_steps(t: Target) -> list[Step]:
 
     def run() -> None:
         def renames(conn: Any, closure: Closure | None) -> None:
-            state = closure.state if closure else BlockState(t.method.name, closed=False)
+            found = closure.state if closure else BlockState(t.method.name, closed=False)
             registry = Registry(conn)
             started = time.monotonic()
             keep.carry()
             if keep.tables:
                 op.res.pgbouncer_window_ms["keep"] = int((time.monotonic() - started) * 1000)
+            states: list[BlockState] = []
 
             def body() -> None:
+                # closed by phase=close: the copy switched out keeps the state from before that
+                states[:] = [held_state(registry, t.live_oid, found)]
                 rename(conn, t.db, prev, op.res)
                 rename(conn, t.staging, t.db, op.res)
-                registry.add_copy(t.live_oid, prev, t.db, "previous", state)  # type: ignore[arg-type]
+                registry.add_copy(t.live_oid, prev, t.db, "previous", states[0])  # type: ignore[arg-type]
                 registry.forget_copy(t.staging_oid)  # type: ignore[arg-type]
 
             started = time.monotonic()
             in_transaction_retrying(conn, op, t.db, body)
             op.res.pgbouncer_window_ms["rename"] = int((time.monotonic() - started) * 1000)
+            state = states[0]
             op.res.switched_at = time.time()  # committed: a set across hosts reports the spread of these
             pause_point("switched")  # renamed, the old copy still closed
             op.res.rollback_sql = rollback_sql(op, t.method, state, prev)
@@ -949,8 +955,9 @@ class Rollback:
 
             def body() -> None:
                 if t.live_oid is not None:
+                    state = held_state(registry, t.live_oid, closure.state)  # type: ignore[union-attr]
                     rename(conn, t.db, undone, op.res)
-                    registry.add_copy(t.live_oid, undone, t.db, "undone", closure.state)  # type: ignore[union-attr]
+                    registry.add_copy(t.live_oid, undone, t.db, "undone", state)
                 rename(conn, prev.name, t.db, op.res)
                 registry.forget_copy(prev.oid)
 
@@ -1033,6 +1040,10 @@ def plan_for(op: Operation) -> list[Step]:
         return Abort().steps(op)
     if req.phase == "switch":
         return SwitchStaged().steps(op)
+    if req.phase == "close":
+        return close_steps(op, _record_clear)
+    if req.phase == "open":
+        return open_steps(op)
     return STRATEGIES[req.strategy]().steps(op)
 
 

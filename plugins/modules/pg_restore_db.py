@@ -135,8 +135,13 @@ options:
       - V(stage) restores and verifies the staging copy and stops there; V(switch) puts a staged copy in place
         (a no-op when O(db) already holds O(src)); V(abort) drops a staged copy. Used to restore a set of databases
         (shards) so that none is switched unless every one staged and verified. Only with O(strategy=swap).
+      - V(close) closes O(db) and its staged copy to new connections (O(block_new_connections), what it takes is
+        recorded) and ends their sessions; V(open) gives back what V(close) took. A set run as close on every
+        host, then switch on every host, then open on every host, is never seen half switched (a session on an
+        old copy ends before any restored copy can be reached, and the restored copies stay closed until all
+        switched, or, after a failed switch, all rolled back).
     type: str
-    choices: [ all, stage, switch, abort ]
+    choices: [ all, stage, close, switch, open, abort ]
     default: all
   keep_previous:
     description:
@@ -681,6 +686,16 @@ switched_at:
   returned: always
   type: float
   sample: 1795575609.123
+closed_at:
+  description: With O(phase=close), UNIX time at which the close started, V(0) otherwise.
+  returned: always
+  type: float
+  sample: 1795575608.871
+opened_at:
+  description: With O(phase=open), UNIX time at which the databases were open again, V(0) when nothing was reopened.
+  returned: always
+  type: float
+  sample: 1795575609.342
 kept_tables:
   description:
     - With O(keep_tables), the rows carried per table and the milliseconds the copy took inside the window (part of

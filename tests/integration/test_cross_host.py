@@ -2,7 +2,8 @@
 
 db1 is the newest major, db2 another server of an older major; both run locally (ansible_connection
 local), each with its own backup directory. Every shard holds a generation value: 1 live, 2 in the
-dumps. The app must never see shards of two generations.
+dumps. The app must never see shards of two generations: an Octopus-style reader (App) reads every
+shard's generation in each request, on connections it keeps open per shard, all through the restore.
 """
 
 from __future__ import annotations
@@ -14,9 +15,11 @@ import shlex
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
+import psycopg
 import pytest
 import yaml
 from psycopg import sql
@@ -96,6 +99,108 @@ def leftovers(servers: dict) -> list[str]:
             if name.startswith("shard") and name not in SHARDS and "_prev_" not in name]  # fmt: skip
 
 
+class App:
+    """An Octopus-style app: each request reads every shard's generation, on one kept connection per shard.
+
+    A request that loses a connection (or cannot open one) fails, as the app's would; one that
+    completes is recorded with the generations it read. Requests run back to back in a thread.
+    """
+
+    def __init__(self, servers: dict) -> None:
+        self.servers = servers
+        self.conns: dict[str, psycopg.Connection] = {}
+        self.served: list[dict[str, int]] = []
+        self.failed = 0
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+
+    def request(self) -> dict[str, int] | None:
+        read = {}
+        try:
+            for shard, host in SHARDS.items():
+                conn = self.conns.get(shard)
+                if conn is None or conn.closed:
+                    conn = self.conns[shard] = self.servers[host].connect(shard, connect_timeout=5)
+                read[shard] = conn.execute("SELECT g FROM generation").fetchone()[0]
+        except psycopg.Error:
+            for shard, conn in list(self.conns.items()):
+                if conn.broken or conn.closed:
+                    conn.close()
+                    del self.conns[shard]
+            return None
+        return read
+
+    def _loop(self) -> None:
+        while not self.done.is_set():
+            read = self.request()
+            if read is None:
+                self.failed += 1
+                self.done.wait(0.01)
+            else:
+                self.served.append(read)
+
+    def __enter__(self) -> App:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.done.set()
+        self.thread.join(30)
+        for conn in self.conns.values():
+            conn.close()
+
+    def mixed(self) -> list[dict[str, int]]:
+        return [read for read in self.served if len(set(read.values())) > 1]
+
+
+def pause_db2(tmp_path: Path, point: str) -> tuple[dict, Path]:
+    """db2's inventory settings that make its module processes stop (SIGSTOP) before the named step."""
+    pid_file = tmp_path / f"db2-paused-{point}"
+    python = tmp_path / f"python-db2-{point}"
+    pause = f"export PGOPS_DBRESTORE_PAUSE_BEFORE={point}:{pid_file}"
+    python.write_text(f'#!/bin/sh\n{pause}\nexec {sys.executable} "$@"\n')
+    python.chmod(0o755)
+    return {"ansible_python_interpreter": str(python)}, pid_file
+
+
+def wait_paused(proc: subprocess.Popen, pid_file: Path) -> int:
+    deadline = time.monotonic() + 120
+    while not (pid_file.exists() and pid_file.read_text() and stopped(int(pid_file.read_text()))):
+        assert proc.poll() is None, finished(proc)[1]
+        assert time.monotonic() < deadline, "db2 never reached its pause point"
+        time.sleep(0.05)
+    return int(pid_file.read_text())
+
+
+def wait_switched_on_db1(servers: dict, proc: subprocess.Popen) -> None:
+    """Until db1 has switched both its shards (their previous copies exist): db2 has not switched yet."""
+    deadline = time.monotonic() + 120
+    while len(servers["db1"].sql("SELECT datname FROM pg_database WHERE datname LIKE 'shard%\\_prev\\_%'")) < 2:
+        assert proc.poll() is None, finished(proc)[1]
+        assert time.monotonic() < deadline, "db1 never switched"
+        time.sleep(0.05)
+
+
+def fresh_request(servers: dict) -> dict[str, int] | None:
+    """One request of an app that has just started (no connection yet)."""
+    app = App(servers)
+    try:
+        return app.request()
+    finally:
+        for conn in app.conns.values():
+            conn.close()
+
+
+def sessions(servers: dict) -> list[tuple]:
+    query = "SELECT datname, pid FROM pg_stat_activity WHERE datname LIKE 'shard_'"
+    return [row for server in servers.values() for row in server.sql(query)]
+
+
+def all_open(servers: dict) -> bool:
+    query = "SELECT datallowconn FROM pg_database WHERE datname LIKE 'shard_'"
+    return all(allowed for server in servers.values() for (allowed,) in server.sql(query))
+
+
 def test_check_mode_plans_every_host_then_the_set_switches_everywhere(fleet: dict, tmp_path: Path):
     inv = inventory(tmp_path, fleet)
     code, out = finished(restore_set(inv, "--check"))
@@ -103,13 +208,29 @@ def test_check_mode_plans_every_host_then_the_set_switches_everywhere(fleet: dic
     for host, shard in (("db1", "shard1"), ("db1", "shard2"), ("db2", "shard3")):
         assert f"{host}: {shard}, part of the set shard1, shard2, shard3 on db1, db2" in out, out
     assert generations(fleet) == {"shard1": 1, "shard2": 1, "shard3": 1} and not leftovers(fleet)
-    code, out = finished(restore_set(inv))
-    assert code == 0, out
-    assert generations(fleet) == {"shard1": 2, "shard2": 2, "shard3": 2}
+    db2_paused, pid_file = pause_db2(tmp_path, "switch")
+    with App(fleet) as app:
+        while not app.served:  # the app serves generation 1, its connections open on every shard
+            time.sleep(0.01)
+        proc = restore_set(inventory(tmp_path, fleet, db2=db2_paused))
+        pid = wait_paused(proc, pid_file)
+        wait_switched_on_db1(fleet, proc)
+        # db1's shards are restored, db2's not yet: no connection is left on any shard and no new one gets in
+        assert fresh_request(fleet) is None and not sessions(fleet)
+        os.kill(pid, signal.SIGCONT)
+        code, out = finished(proc)
+        assert code == 0, out
+        deadline = time.monotonic() + 30
+        while not app.served or app.served[-1] != {"shard1": 2, "shard2": 2, "shard3": 2}:
+            assert time.monotonic() < deadline, "the app never read the restored shards"
+            time.sleep(0.01)
+    assert app.served[0] == {"shard1": 1, "shard2": 1, "shard3": 1} and app.failed > 0 and not app.mixed()
+    assert generations(fleet) == {"shard1": 2, "shard2": 2, "shard3": 2} and all_open(fleet)
     spread = re.search(r"set shard1, shard2, shard3 on db1, db2: 3 switch\(es\); spread between the first and the "
-                       r"last switch (\d+) ms", out)  # fmt: skip
+                       r"last switch (\d+) ms; closed on every host from the first close to the last reopen (\d+) ms",
+                       out)  # fmt: skip
     assert spread, out
-    assert int(spread[1]) < 60_000
+    assert int(spread[1]) < 60_000 and int(spread[1]) < int(spread[2])
 
 
 def test_a_shard_that_fails_to_stage_switches_none_anywhere(fleet: dict, tmp_path: Path):
@@ -131,19 +252,21 @@ def test_an_unreachable_host_of_the_set_switches_none(fleet: dict, tmp_path: Pat
 
 def test_a_host_failing_to_switch_rolls_the_others_back(fleet: dict, tmp_path: Path):
     """db2's switch is held at its start, and its staged copy of shard3 vanishes: that switch fails."""
-    pid_file = tmp_path / "db2-paused"
-    python = tmp_path / "python-db2"  # db2's module processes only: they stop before their switch step
-    python.write_text(f'#!/bin/sh\nexport PGOPS_DBRESTORE_PAUSE_BEFORE=switch:{pid_file}\nexec {sys.executable} "$@"\n')
-    python.chmod(0o755)
-    proc = restore_set(inventory(tmp_path, fleet, db2={"ansible_python_interpreter": str(python)}))
-    deadline = time.monotonic() + 120
-    while not (pid_file.exists() and pid_file.read_text() and stopped(int(pid_file.read_text()))):
-        assert proc.poll() is None, finished(proc)[1]
-        assert time.monotonic() < deadline, "db2 never reached its switch"
-        time.sleep(0.05)
-    fleet["db2"].sql("DROP DATABASE shard3_pgops_staging")
-    os.kill(int(pid_file.read_text()), signal.SIGCONT)
-    code, out = finished(proc)
+    db2_paused, pid_file = pause_db2(tmp_path, "switch")  # db2's module processes only
+    with App(fleet) as app:
+        proc = restore_set(inventory(tmp_path, fleet, db2=db2_paused))
+        pid = wait_paused(proc, pid_file)
+        wait_switched_on_db1(fleet, proc)
+        assert fresh_request(fleet) is None and not sessions(fleet)  # db1 switched, db2 not: no shard is reachable
+        fleet["db2"].sql("DROP DATABASE shard3_pgops_staging")
+        os.kill(pid, signal.SIGCONT)
+        code, out = finished(proc)
+        served = len(app.served)
+        deadline = time.monotonic() + 30
+        while len(app.served) == served:  # reopened: the app serves the old shards again
+            assert time.monotonic() < deadline, "the app never got its shards back"
+            time.sleep(0.01)
     assert code != 0 and "failed during the switch: every database that had switched was rolled back" in out, out
     assert "(shard1, shard2 here)" in out and 'db2: cannot rename "shard3_pgops_staging"' in out, out
-    assert generations(fleet) == {"shard1": 1, "shard2": 1, "shard3": 1}
+    assert generations(fleet) == {"shard1": 1, "shard2": 1, "shard3": 1} and all_open(fleet)
+    assert app.served[-1] == {"shard1": 1, "shard2": 1, "shard3": 1} and not app.mixed()

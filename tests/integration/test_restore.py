@@ -401,6 +401,38 @@ def test_settings_carry_over(pg: PgServer, dumps, live_db: str):
         pg.sql("DROP ROLE pgops_reader")
 
 
+@pytest.mark.newest_major
+@pytest.mark.parametrize("method", ["allow_connections", "revoke_connect"])
+def test_a_set_switches_behind_closed_doors_and_gives_back_exactly_what_it_took(pg: PgServer, dumps, live_db: str,
+                                                                                method: str):  # fmt: skip
+    """phase=close ends the sessions and keeps the restored copy closed through the switch; open gives the ACL back."""
+    pg.sql(sql.SQL("GRANT CONNECT ON DATABASE {} TO pg_monitor WITH GRANT OPTION").format(sql.Identifier(live_db)))
+    acl = pg.sql("SELECT datacl::text FROM pg_database WHERE datname = %s", (live_db,))
+    app = pg.connect(live_db)
+    try:
+        assert restore(pg, live_db, dumps["chinook"]["tar"], phase="stage").staged
+        closed = restore(pg, live_db, phase="close", block_new_connections=method)
+        assert closed.closed_at and closed.terminated_count == 1 and app.closed is False
+        with pytest.raises(Exception):  # noqa: B017 - the kept connection was ended
+            app.execute("SELECT 1")
+        res = restore(pg, live_db, dumps["chinook"]["tar"], phase="switch", block_new_connections=method)
+        assert res.changed and res.previous_db
+        if method == "allow_connections":  # the restored copy stays closed until phase=open
+            assert not allows_connections(pg, live_db)
+        else:
+            assert pg.sql("SELECT has_database_privilege('pg_monitor', %s, 'CONNECT')", (live_db,)) == [(False,)]
+        opened = restore(pg, live_db, phase="open")
+        assert opened.opened_at and allows_connections(pg, live_db) and invoice_lines(pg, live_db) == 2240
+        assert pg.sql("SELECT datacl::text FROM pg_database WHERE datname = %s", (live_db,)) == acl
+        assert not restore(pg, live_db, phase="open").changed  # nothing held any more
+        # the copy switched out keeps the state from before the close: a rollback reopens it as it was
+        restore(pg, live_db, rollback=True)
+        assert allows_connections(pg, live_db) and invoice_lines(pg, live_db) == 0
+        assert pg.sql("SELECT datacl::text FROM pg_database WHERE datname = %s", (live_db,)) == acl
+    finally:
+        app.close()
+
+
 def test_staged_set_switches_only_when_all_staged(pg: PgServer, dumps, live_db: str, tmp_path: Path):
     """Shards: stage every database, switch only if all verified; otherwise abort all, switch none."""
     second = live_db + " shard2"

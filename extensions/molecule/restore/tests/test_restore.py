@@ -7,7 +7,8 @@ prepare.yml deleted invoice lines and added an artist in the live hoge_db after 
 dump's rows and the old rows can be told apart.
 
 The tests build on each other and run in file order: after the converge checks come --check,
-rollback, the web trigger, the restart fallback and the multi-database set.
+rollback, the web trigger, the restart fallback and the set of shards across db1 and db2, read all
+along by web1's Octopus-style shard reader ("<unix time> ok|MIXED <generations>" or "fail").
 """
 
 import json
@@ -24,12 +25,16 @@ import pytest
 import testinfra
 
 DB_HOST = "pgops-restore-db1"
+DB2_HOST = "pgops-restore-db2"
 WEB_HOST = "pgops-restore-web1"
 SCENARIO_DIR = Path(__file__).resolve().parent.parent
 REPO = SCENARIO_DIR.parents[2]
 DUMP = "/var/backups/postgresql/hoge_db.chinook.dump"
 TRIGGER = "/usr/local/sbin/pgops-restore"
 CLIENT_LOG = "/var/log/pgops-client-loop.log"
+SHARD_LOG = "/var/log/pgops-shard-reader.log"
+SHARDS = {"shard1": DB_HOST, "shard2": DB_HOST, "shard3": DB2_HOST}  # group_vars/all.yml
+SET = ["-e", "dbs=shard1,shard2,shard3", "-e", "db_hosts=db:shardhosts"]
 TABLES = [
     "album", "artist", "customer", "employee", "genre", "invoice",
     "invoice_line", "media_type", "playlist", "playlist_track", "track",
@@ -64,11 +69,15 @@ def databases(host):
     return psql(host, "postgres", "SELECT datname FROM pg_database ORDER BY datname").splitlines()
 
 
+def generations():
+    hosts = {name: testinfra.get_host(f"podman://{name}") for name in (DB_HOST, DB2_HOST)}
+    return {db: psql(hosts[name], db, "SELECT g FROM generation") for db, name in SHARDS.items()}
+
+
 def snapshot(host):
     """Everything a refused or check-mode run must leave as it was."""
-    query = "SELECT string_agg(id::text, ',' ORDER BY id) FROM t"
-    shards = {db: psql(host, db, query) for db in ("shard1", "shard2", "shard3")}
-    return databases(host), counts(host, "hoge_db"), shards
+    db2 = testinfra.get_host(f"podman://{DB2_HOST}")
+    return databases(host), databases(db2), counts(host, "hoge_db"), generations()
 
 
 def sudo_as(host, user, *argv):
@@ -179,14 +188,10 @@ def test_client_reconnected_after_the_switch(host, web, dump_counts):
 # --- --check ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "extra",
-    [["-e", "db=hoge_db", "-e", "force=true"], ["-e", "dbs=shard1,shard3"]],
-    ids=["hoge_db forced", "a set"],
-)
-def test_check_mode_changes_nothing(host, extra):
+# (check mode of a set across hosts: tests/integration/test_cross_host.py, not here, for the scenario's time)
+def test_check_mode_changes_nothing(host):
     before = snapshot(host)
-    result = run_playbook("restore", "--check", *extra)
+    result = run_playbook("restore", "--check", "-e", "db=hoge_db", "-e", "force=true")
     assert result.returncode == 0, result.stdout
     assert "would" in result.stdout or "restore" in result.stdout
     assert snapshot(host) == before
@@ -450,11 +455,85 @@ def test_fallback_restarts_postgresql_through_sudo(host, web, dump_counts):
 # --- multi-database set -----------------------------------------------------------------------
 
 
-def test_set_with_a_broken_dump_switches_nothing(host):
+@pytest.fixture(scope="module")
+def db2():
+    return testinfra.get_host(f"podman://{DB2_HOST}")
+
+
+def shard_reads(web, since):
+    """The shard reader's requests since a time, as (time, status, generations)."""
+    rows = []
+    for line in web.check_output("cat %s", SHARD_LOG).splitlines():
+        stamp, status, rest = [*line.split(" ", 2), "", ""][:3]
+        if float(stamp) >= since:
+            rows.append((float(stamp), status, rest))
+    return rows
+
+
+def last_read(web, since):
+    return [(0.0, "", ""), *shard_reads(web, since)][-1][1:]
+
+
+def wait_for(check, what, timeout=120):
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.2)
+
+
+def closed_shards(*hosts):
+    query = "SELECT datname FROM pg_database WHERE datname LIKE 'shard_' AND NOT datallowconn"
+    return [name for h in hosts for name in psql(h, "postgres", query).split()]
+
+
+def test_set_with_a_broken_dump_switches_nothing(host, db2):
     before = snapshot(host)
-    result = run_playbook("restore", "-e", "dbs=shard1,shard2,shard3")
+    result = run_playbook("restore", *SET)
     assert result.returncode != 0
     assert "before any database was switched" in result.stdout
     assert snapshot(host) == before
-    assert before[2] == {"shard1": "1,101", "shard2": "2,102", "shard3": "3,103"}
-    assert not [d for d in databases(host) if "staging" in d or (d.startswith("shard") and "_prev_" in d)]
+    assert before[3] == {"shard1": "1", "shard2": "1", "shard3": "1"}
+    assert not [d for d in before[0] + before[1] if "staging" in d or (d.startswith("shard") and "_prev_" in d)]
+
+
+def test_set_with_db2_failing_during_the_switch_rolls_db1_back(host, db2, web):
+    """db2's switch is held at its start (db1 has switched), and its staged copy of shard3 vanishes: it fails."""
+    host.check_output("rm /var/backups/postgresql/shard2.broken.sql")  # shard2's good dump is the newest now
+    paused = "/run/pgops-db2-paused"
+    for h, pause in ((host, ""), (db2, f"export PGOPS_DBRESTORE_PAUSE_BEFORE=switch:{paused}")):
+        h.check_output("printf '%%s\\n' '#!/bin/sh' %s 'exec /usr/bin/python3 \"$@\"' >/usr/local/bin/pgops-python "
+                       "&& chmod 0755 /usr/local/bin/pgops-python", pause or ":")  # fmt: skip
+    started = time.time()
+    cmd = [str(Path(sys.executable).with_name("ansible-playbook")), "-i", str(SCENARIO_DIR / "inventory" / "hosts.yml"),
+           *SET, "-e", "ansible_python_interpreter=/usr/local/bin/pgops-python", "pgops.dbrestore.restore"]  # fmt: skip
+    env = {**os.environ, "ANSIBLE_NOCOLOR": "1", "ANSIBLE_COLLECTIONS_PATH": str(REPO / ".cache" / "collections")}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        wait_for(lambda: db2.run('ps -o stat= -p "$(cat %s)"', paused).stdout.startswith("T"), "db2 never paused")
+        wait_for(lambda: len([d for d in databases(host) if d.startswith("shard") and "_prev_" in d]) == 2,
+                 "db1 never switched")  # fmt: skip
+        assert sorted(closed_shards(host, db2)) == ["shard1", "shard2", "shard3"]  # nobody reaches any shard
+        psql(db2, "postgres", "DROP DATABASE shard3_pgops_staging")
+        db2.check_output("kill -CONT $(cat %s)", paused)
+        out = proc.communicate(timeout=300)[0]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        db2.run("rm -f %s", paused)
+    assert proc.returncode != 0 and "every database that had switched was rolled back" in out, out
+    assert generations() == {"shard1": "1", "shard2": "1", "shard3": "1"} and not closed_shards(host, db2)
+    wait_for(lambda: last_read(web, started) == ("ok", "1,1,1"), "the app never got its shards back", 30)
+    reads = shard_reads(web, started)
+    assert [r for r in reads if r[1] == "fail"] and not [r for r in reads if r[1] == "MIXED"]
+
+
+def test_set_restores_every_shard_on_both_hosts(host, db2, web):
+    started = time.time()
+    result = run_playbook("restore", *SET)
+    assert result.returncode == 0, result.stdout
+    assert generations() == {"shard1": "2", "shard2": "2", "shard3": "2"} and not closed_shards(host, db2)
+    report = re.sub(r"\s*\n\s+", " ", result.stdout)  # the report's folded lines, unfolded
+    assert re.search(r"closed on every host from the first close to the last reopen \d+ ms", report), report
+    wait_for(lambda: last_read(web, started) == ("ok", "2,2,2"), "the app never read the new shards", 30)
+    reads = shard_reads(web, started)
+    assert reads[0][1:] == ("ok", "1,1,1") and not [r for r in reads if r[1] == "MIXED"], reads

@@ -25,14 +25,14 @@ def test_defaults():
     assert req.tool_args == () and req.keep_previous == 1 and req.phase == "all"
     assert req.jobs is None and req.load_jobs == DEFAULT_JOBS == max(1, (os.cpu_count() or 2) // 2)
     assert RestoreRequest(db="x", src="/d", jobs=3).load_jobs == 3
-    assert set(STRATEGIES) == {"swap", "replace"} and PHASES == ("all", "stage", "switch", "abort")
+    assert set(STRATEGIES) == {"swap", "replace"} and PHASES == ("all", "stage", "close", "switch", "open", "abort")
 
 
 @pytest.mark.parametrize(
     ("kw", "msg"),
     [
         (dict(src="/d", strategy="copy"), r"strategy must be one of \['swap', 'replace'\], not 'copy'"),
-        (dict(src="/d", phase="later"), r"phase must be one of \['all', 'stage', 'switch', 'abort'\]"),
+        (dict(src="/d", phase="later"), r"phase must be one of \['all', 'stage', 'close', 'switch', 'open', 'abort'\]"),
         (dict(src="/d", block_new_connections="none"), r"block_new_connections must be one of \['allow_connections'"),
         (dict(src="/d", fallback="restart"), "fallback=restart needs restart_patroni_url, restart_service"),
         (dict(src="/d", fallback="pray"), r"fallback must be one of \['none', 'restart'\]"),
