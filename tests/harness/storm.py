@@ -19,6 +19,7 @@ class ClientStats:
     connects: int = 0
     failed_connects: int = 0
     last_connect_error: str = ""  # why the latest failed connection attempt failed
+    connect_errors: set[str] = field(default_factory=set)  # every distinct reason an attempt failed
     queries: int = 0
     broken: int = 0  # connections ended under the client (terminated, server gone)
     last_ok: float = 0.0
@@ -36,6 +37,7 @@ class Storm:
     stats: list[ClientStats] = field(default_factory=list)
     _stop: threading.Event = field(default_factory=threading.Event)
     _threads: list[threading.Thread] = field(default_factory=list)
+    _errors_lock: threading.Lock = field(default_factory=threading.Lock)  # connect_errors grow while read
 
     def __enter__(self) -> Storm:
         self.start()
@@ -76,17 +78,22 @@ class Storm:
 
         self._wait(count, need, "reconnected", timeout)
 
+    def errors_seen(self) -> list[str]:
+        """Every distinct reason a client's connection attempt failed so far."""
+        with self._errors_lock:
+            return sorted(set().union(*(s.connect_errors for s in self.stats)))
+
     def wait_refused(self, because: str, timeout: float = 30) -> list[str]:
-        """Wait until a client's latest failed connection attempt names `because`; returns every client's
-        latest connection error at that moment."""
-        self._wait(lambda: sum(1 for s in self.stats if because in s.last_connect_error), 1, "refused", timeout)
-        return [s.last_connect_error for s in self.stats if s.last_connect_error]
+        """Wait until a client's connection attempt was refused naming `because`; returns errors_seen()."""
+        self._wait(lambda: sum(1 for e in self.errors_seen() if because in e), 1, "refused", timeout)
+        return self.errors_seen()
 
     def _wait(self, count, need: int, what: str, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while count() < need:
             if time.monotonic() > deadline:
-                raise TimeoutError(f"only {count()} of {need} clients {what}")
+                raise TimeoutError(f"only {count()} of {need} clients {what}; connection errors seen: "
+                                   f"{self.errors_seen() or 'none'}")  # fmt: skip
             time.sleep(0.02)
 
     def _run(self, st: ClientStats, name: str) -> None:
@@ -96,6 +103,8 @@ class Storm:
             except psycopg.Error as exc:
                 st.failed_connects += 1
                 st.last_connect_error = str(exc)
+                with self._errors_lock:
+                    st.connect_errors.add(st.last_connect_error)
                 time.sleep(0.001)
                 continue
             st.connects += 1
