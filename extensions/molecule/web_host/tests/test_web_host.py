@@ -345,9 +345,11 @@ def kill_idle_worker(host, pid, port):
 
 
 def load_results(host):
-    """The load client's requests: (server, user, path, start, end, status, pid, body) tuples."""
+    """The load client's requests: (server, user, path, start, end, status, pid, body) tuples (none before the
+    client has made its file)."""
     rows = []
-    for line in host.file(LOAD_OUT).content_string.splitlines():
+    out = host.file(LOAD_OUT)
+    for line in out.content_string.splitlines() if out.exists else []:
         base, user, path, start, end, code, pid, body = line.split("\t", 7)
         rows.append((base, user, path, float(start), float(end), int(code), pid, body))
     return rows
