@@ -173,10 +173,7 @@ class HandOver:
         try:
             with connect(self.params.with_db(self.db)) as conn:
                 for s in self.taken:
-                    if s.slot:
-                        _set_slot(conn, s.name, s.slot)
-                    if s.enabled:
-                        _alter(conn, s.name, "ENABLE")
+                    _take_slot(conn, s)
             self.taken = []
         except (PgOpsError, psycopg.Error) as exc:
             self.log.append(f'switch: could not give the subscriptions back to "{self.db}": {one_line(exc)}; run '
@@ -190,10 +187,8 @@ class HandOver:
         try:
             with connect(self.params.with_db(self.db)) as conn:
                 for s in self.taken:
-                    if s.slot:
-                        _set_slot(conn, s.name, s.slot)
+                    _take_slot(conn, s)
                     if s.enabled:
-                        _alter(conn, s.name, "ENABLE")
                         # made with connect = false, it knows no table yet: the publication's tables, as they are
                         _alter(conn, s.name, "REFRESH PUBLICATION WITH (copy_data = false)")
                     done.append(s)
@@ -253,6 +248,14 @@ class Recreate:
         names = ", ".join(r["name"] for r in self.report)
         self.log.append(f'switch: recreated the logical slots {names} on the restored "{self.db}" (dropped from '
                         f'"{old_db}"); their consumers read from the switch on')  # fmt: skip
+
+
+def _take_slot(conn: Any, s: Subscription) -> None:
+    """The subscription s (of the database conn is in) takes its slot again, and is enabled if it was."""
+    if s.slot:
+        _set_slot(conn, s.name, s.slot)
+    if s.enabled:
+        _alter(conn, s.name, "ENABLE")
 
 
 def _alter(conn: Any, name: str, what: str) -> None:
