@@ -248,8 +248,9 @@ def source_options(source: PgServer, db: str) -> dict:
 
 
 def refresh_from_server(pg: PgServer, db: str, source: PgServer, source_db: str) -> dict:
-    """pg_restore_db with source=: pg_dump of the source streamed into a staging copy, then the swap."""
-    req = RestoreRequest(db=db, source=source_options(source, source_db), bindir=str(client_bindir()), analyze=False)
+    """pg_restore_db with source=: pg_dump of the source streamed into a staging copy (JOBS streams), then the swap."""
+    req = RestoreRequest(db=db, source=source_options(source, source_db), bindir=str(client_bindir()), jobs=JOBS,
+                         analyze=False)  # fmt: skip
     return restore_database(pg.params(), req).as_dict()
 
 

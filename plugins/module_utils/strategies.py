@@ -274,7 +274,9 @@ class Staging:
         opts = LoadOptions(bindir=t.bindir, jobs=req.load_jobs, tool_args=req.tool_args, split=self.split)
         if isinstance(self.dump, ServerSource):
             op.res.stripped_statements = self.dump.load_into(op.params, op.conn, t.staging, opts)
-            op.res.log.append(f'streamed {self.dump.path} into "{t.staging}" (pg_dump | psql, no file)')
+            how = (f"{self.dump.streams} pg_dump | pg_restore streams on one snapshot, indexes by {req.load_jobs} jobs"
+                   if self.dump.streams > 1 else "pg_dump | psql")  # fmt: skip
+            op.res.log.append(f'streamed {self.dump.path} into "{t.staging}" ({how}, no file)')
             return
         op.res.stripped_statements = restore_into(op.params, op.info, t.staging, self.dump, opts, op.progress)
         if opts.split_loaded:

@@ -2,16 +2,22 @@
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
 """A source database instead of a dump file: pg_dump of it streamed into the staging copy, no file between.
 
-pg_dump reads the source in one REPEATABLE READ, READ ONLY transaction (one snapshot), and its
-session starts with default_transaction_read_only on. Its plain SQL goes through the same filter
-as a plain dump file (our \\restrict key, statements on other databases left out) into
-psql --single-transaction: a source that dies midway, or a killed run, commits nothing.
-A pipe has no random access, so the load is one connection (pg_restore --jobs needs a file).
+Every pg_dump session starts with default_transaction_read_only on and reads one snapshot. With
+jobs > 1 the load runs in parallel on a snapshot exported by our own REPEATABLE READ, READ ONLY
+transaction on the source: the schema as a small custom archive (pre-data restored first,
+post-data -- indexes, constraints -- last by pg_restore --jobs, which needs a file), and between
+them `jobs` streams of `pg_dump --section=data | pg_restore`, each with a share of the tables
+balanced by size. Otherwise, and with tool_args (they may select tables), the plain SQL of one
+pg_dump goes through the same filter as a plain dump file (our \\restrict key, statements on
+other databases left out) into psql --single-transaction. Either way a source that dies
+midway, or a killed run, leaves only the staging copy, which is dropped.
 """
 
 from __future__ import annotations
 
+import os
 import secrets
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -19,16 +25,19 @@ from typing import Any
 from ansible_collections.pgops.dbrestore.plugins.module_utils.dumpfile import PlainFilter
 from ansible_collections.pgops.dbrestore.plugins.module_utils.load import LoadOptions, conninfo_for, psql_argv
 from ansible_collections.pgops.dbrestore.plugins.module_utils.operation import pause_point
+from ansible_collections.pgops.dbrestore.plugins.module_utils.parallel import bulk_settings, pgoptions
 from ansible_collections.pgops.dbrestore.plugins.module_utils.postgres import (
     ConnParams,
     PgOpsError,
     ServerInfo,
     connect,
+    psycopg,
     server_info,
 )
 from ansible_collections.pgops.dbrestore.plugins.module_utils.tools import (
     ToolOutput,
     find_tool,
+    run_pipes,
     run_tool,
     tool_version,
 )
@@ -36,6 +45,15 @@ from ansible_collections.pgops.dbrestore.plugins.module_utils.tools import (
 # SET lines pg_dump writes that an older target server may not know; left out when it does not
 _NEWER_SETTINGS = ("transaction_timeout", "default_table_access_method", "idle_in_transaction_session_timeout",
                    "row_security", "default_toast_compression")  # fmt: skip
+# the source's tables, largest first (heap and TOAST): what the data streams share out
+_TABLES = (
+    "SELECT n.nspname, c.relname, COALESCE(pg_catalog.pg_table_size(c.oid), 0) FROM pg_catalog.pg_class c "
+    "JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace WHERE c.relkind = 'r' AND c.relpersistence <> 't' "
+    "AND n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname !~ '^pg_toast' "
+    "ORDER BY 3 DESC, 1, 2 LIMIT %s"
+)
+# tables named on the pg_dump command lines at most (an argv has a size limit); smaller ones go to the first stream
+_NAMED_TABLES = 1000
 
 
 def source_params(source: dict[str, Any]) -> ConnParams:
@@ -55,6 +73,7 @@ class ServerSource:
     format: str = "server"
     size: int = 0
     info: ServerInfo | None = None
+    streams: int = 1  # filled in by load_into: the pg_dump | pg_restore streams the data went through
 
     @property
     def path(self) -> str:
@@ -83,7 +102,43 @@ class ServerSource:
         return []
 
     def load_into(self, target: ConnParams, target_conn: Any, dbname: str, opts: LoadOptions) -> list[str]:
-        """pg_dump of the source piped into psql on dbname; returns the statements left out."""
+        """pg_dump of the source loaded into dbname, in parallel where it can be; returns the statements left out."""
+        if opts.jobs > 1 and not opts.tool_args and self.info is not None and self.info.version_num >= 100000:
+            pg_restore = find_tool("pg_restore", opts.bindir)
+            # pg_restore 17+ sends SET transaction_timeout, which servers before 17 reject (load.restore_into)
+            if target_conn.info.server_version >= 170000 or tool_version(pg_restore)[0] < 17:
+                try:
+                    self._load_parallel(target, dbname, opts, pg_restore)
+                except PgOpsError as exc:
+                    raise PgOpsError(f"streaming {self.path} failed: {exc}", sqlstate=exc.sqlstate) from exc
+                return []
+        return self._load_plain(target, target_conn, dbname, opts)
+
+    def _load_parallel(self, target: ConnParams, dbname: str, opts: LoadOptions, pg_restore: str) -> None:
+        """Schema archive, pre-data, `jobs` data streams on one exported snapshot, post-data with --jobs."""
+        src_env = {**self.params.tool_env(), "PGOPTIONS": "-c default_transaction_read_only=on"}
+        dst_env = {**target.tool_env(), "PGOPTIONS": pgoptions(bulk_settings(opts.jobs))}
+        restore = [pg_restore, "--exit-on-error", "--no-password", "-d", conninfo_for(dbname)]
+        with tempfile.TemporaryDirectory(prefix="pgops-schema-") as tmp:
+            schema = os.path.join(tmp, "schema.pgc")
+            with connect(self.params, autocommit=False) as conn:
+                conn.isolation_level, conn.read_only = psycopg.IsolationLevel.REPEATABLE_READ, True
+                snapshot = conn.execute("SELECT pg_catalog.pg_export_snapshot()").fetchone()[0]
+                tables = conn.execute(_TABLES, (_NAMED_TABLES,)).fetchall()
+                dump = [find_tool("pg_dump", opts.bindir), "--no-password", "--format=custom", "--compress=0",
+                        f"--snapshot={snapshot}", "-d", conninfo_for(self.params.login_db)]  # fmt: skip
+                run_tool([*dump, "--section=pre-data", "--section=post-data", "-f", schema], src_env)
+                run_tool([*restore, "--section=pre-data", "--single-transaction", schema], dst_env)
+                shares = share_tables(tables, opts.jobs)
+                others = [f"--exclude-table-data={table_pattern(*t)}" for share in shares[1:] for t in share]
+                selections = [others] + [[f"--table={table_pattern(*t)}" for t in share] for share in shares[1:]]
+                self.streams = len(selections)
+                run_pipes([([*dump, "--section=data", *sel], src_env, restore, dst_env) for sel in selections],
+                          between=lambda: pause_point("streaming"))  # fmt: skip
+            run_tool([*restore, "--section=post-data", f"--jobs={opts.jobs}", schema], dst_env)
+
+    def _load_plain(self, target: ConnParams, target_conn: Any, dbname: str, opts: LoadOptions) -> list[str]:
+        """pg_dump's plain SQL piped through our filter into psql on dbname; returns the statements left out."""
         known = {r[0] for r in target_conn.execute("SELECT name FROM pg_catalog.pg_settings").fetchall()}
         flt = PlainFilter(unknown_settings=tuple(s for s in _NEWER_SETTINGS if s not in known),
                           restrict_key=secrets.token_hex(16))  # fmt: skip
@@ -98,6 +153,25 @@ class ServerSource:
             except PgOpsError as exc:
                 raise PgOpsError(f"streaming {self.path} failed: {exc}", sqlstate=exc.sqlstate) from exc
         return flt.dropped
+
+
+def share_tables(tables: list[tuple[str, str, int]], jobs: int) -> list[list[tuple[str, str]]]:
+    """The tables (schema, name, bytes; largest first) in `jobs` shares of about equal bytes, empty ones left out.
+
+    The first share also holds whatever is not named: the tables past the list, sequences, large objects.
+    """
+    shares: list[list[tuple[str, str]]] = [[] for _n in range(jobs)]
+    sizes = [0] * jobs
+    for schema, table, size in tables:
+        n = sizes.index(min(sizes))
+        shares[n].append((schema, table))
+        sizes[n] += max(size, 1)
+    return [shares[0]] + [s for s in shares[1:] if s]
+
+
+def table_pattern(schema: str, table: str) -> str:
+    """A pg_dump pattern matching exactly this table: double quotes make every character literal."""
+    return ".".join('"' + name.replace('"', '""') + '"' for name in (schema, table))
 
 
 def _pausing(lines: Iterator[bytes]) -> Iterator[bytes]:

@@ -149,3 +149,84 @@ def has_restrict(version: tuple[int, int]) -> bool:
 def conninfo_for(dbname: str) -> str:
     """-d value naming only the database: a name with "=" must never be read as a connection string."""
     return psycopg.conninfo.make_conninfo(dbname=dbname)
+
+
+class _Pipe:
+    """producer | consumer with an OS pipe between them: the data never passes through Python."""
+
+    def __init__(self, producer: list[str], producer_env: dict[str, str], consumer: list[str],
+                 consumer_env: dict[str, str]) -> None:  # fmt: skip
+        self.argv = (producer, consumer)
+        self.envs = (producer_env, consumer_env)
+        self.errs = (tempfile.TemporaryFile(), tempfile.TemporaryFile())
+        self.procs: list[subprocess.Popen] = []
+
+    def start_producer(self) -> None:
+        self.procs.append(subprocess.Popen(dies_with_us(self.argv[0]), stdin=subprocess.DEVNULL,
+                                           stdout=subprocess.PIPE, stderr=self.errs[0], env=self.envs[0]))  # fmt: skip
+
+    def start_consumer(self) -> None:
+        out = self.procs[0].stdout
+        self.procs.append(subprocess.Popen(dies_with_us(self.argv[1]), stdin=out, stdout=subprocess.DEVNULL,
+                                           stderr=self.errs[1], env=self.envs[1]))  # fmt: skip
+        out.close()  # type: ignore[union-attr]  # the consumer's copy is the only reader: a dead one stops the producer
+
+    def wait(self) -> str | None:
+        """None when both succeeded, else what failed: the producer's error first unless it only lost its reader."""
+        codes = [proc.wait() for proc in reversed(self.procs)][::-1]
+        failed = [n for n, code in enumerate(codes) if code != 0]
+        if len(failed) == 2 and codes[0] == -13:  # SIGPIPE: the consumer stopped first, its error is the cause
+            failed = [1]
+        if not failed:
+            return None
+        n = failed[0]
+        self.errs[n].seek(0)
+        message = self.errs[n].read().decode(errors="replace")
+        return f"{os.path.basename(self.argv[n][0])} exited with {codes[n]}: {tail(message)}"
+
+    def kill(self) -> None:
+        for proc in self.procs:
+            proc.kill()
+
+    def close(self) -> None:
+        for err in self.errs:
+            err.close()
+
+
+def run_pipes(pipes: list[tuple[list[str], dict[str, str], list[str], dict[str, str]]],
+              between: Callable[[], None] | None = None) -> None:  # fmt: skip
+    """Run producer | consumer pairs at once; the first failure stops the others and is raised.
+
+    Every producer starts before any consumer, with `between` called in the gap (a test's pause
+    point: the producers are then mid-stream, blocked on a full pipe).
+    """
+    running = [_Pipe(*pipe) for pipe in pipes]
+    errors: list[str] = []
+
+    def watch(pipe: _Pipe) -> None:
+        error = pipe.wait()
+        if error is not None and not errors:
+            errors.append(error)
+            for other in running:
+                other.kill()
+
+    try:
+        for pipe in running:
+            pipe.start_producer()
+        if between is not None:
+            between()
+        for pipe in running:
+            pipe.start_consumer()
+        watchers = [threading.Thread(target=watch, args=(p,), name="pgops-pipe", daemon=True) for p in running]
+        for thread in watchers:
+            thread.start()
+        for thread in watchers:
+            thread.join()
+    finally:
+        for pipe in running:
+            pipe.kill()
+            for proc in pipe.procs:
+                proc.wait()
+            pipe.close()
+    if errors:
+        raise PgOpsError(errors[0])

@@ -71,10 +71,14 @@ options:
       - A database to refresh O(db) from instead of a dump file (for example production, for a staging server), on any
         server the host that runs the module can reach. C(pg_dump) of it is streamed into the staging copy through a
         pipe, with no file in between, then verified, sanitized and switched as a dump would be.
-      - The source is only read; C(pg_dump) takes one snapshot in a C(REPEATABLE READ, READ ONLY) transaction, and its
-        session starts with C(default_transaction_read_only=on). The load is one transaction (C(psql
-        --single-transaction)) on one connection, as a pipe allows no parallel C(pg_restore); a source that fails
-        or a run killed midway leaves the live database untouched.
+      - The source is only read; every C(pg_dump) session starts with C(default_transaction_read_only=on) and reads
+        one snapshot. With O(jobs) above 1 the snapshot is exported by a C(REPEATABLE READ, READ ONLY) transaction
+        of the module on the source, and the data goes through O(jobs) streams of C(pg_dump --section=data |
+        pg_restore) at once, each with a share of the tables balanced by size; the schema through a small
+        temporary archive, indexes and constraints after the data by C(pg_restore --jobs). With O(jobs=1), with
+        O(tool_args), with a source before PostgreSQL 10, or with client tools 17+ against a server before 17, one
+        C(pg_dump) streams plain SQL into C(psql --single-transaction). A source that fails or a run killed midway
+        leaves the live database untouched.
       - O(tool_args) go to C(pg_dump) (for example C([--exclude-table-data=sessions])). Only with
         O(strategy=swap). Every run restores (a source has no hash to compare); the record names the source.
     type: dict

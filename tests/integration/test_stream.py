@@ -41,6 +41,16 @@ CREATE TABLE users (id bigserial PRIMARY KEY, email text NOT NULL UNIQUE, api_ke
 INSERT INTO users (email, api_key) SELECT 'person' || g || '@gmail.com', 'live_' || g FROM generate_series(1, 500) g;
 CREATE TABLE events (id bigserial PRIMARY KEY, user_id bigint REFERENCES users, payload text);
 INSERT INTO events (user_id, payload) SELECT 1 + g % 500, repeat(md5(g::text), 3) FROM generate_series(1, 100000) g;
+CREATE TABLE "Odd.Name*" ("a""b" int PRIMARY KEY);
+INSERT INTO "Odd.Name*" SELECT generate_series(1, 300);
+CREATE TABLE visits (day date NOT NULL, n int) PARTITION BY RANGE (day);
+CREATE TABLE visits_2025 PARTITION OF visits FOR VALUES FROM ('2025-01-01') TO ('2026-01-01');
+CREATE TABLE visits_2026 PARTITION OF visits FOR VALUES FROM ('2026-01-01') TO ('2027-01-01');
+INSERT INTO visits SELECT '2025-06-01'::date + g, g FROM generate_series(1, 400) g;
+CREATE SEQUENCE invoice_numbers START 1000;
+SELECT setval('invoice_numbers', 4242);
+SELECT lo_from_bytea(0, 'a large object');
+CREATE MATERIALIZED VIEW user_counts AS SELECT user_id, count(*) FROM events GROUP BY user_id;
 """
 
 
@@ -120,12 +130,40 @@ def test_refresh_holds_the_source_scrubbed_and_the_source_was_only_read(pg: PgSe
     assert source.sql("SELECT count(*) FROM users WHERE email LIKE '%@gmail.com'", dbname=PROD) == [(500,)]
 
 
-def test_source_dying_midway_leaves_the_live_copy_intact(pg: PgServer, source: PgServer, staging, tmp_path: Path):
-    request = {"db": STAGING, "source": source_options(source)}
+def contents(server: PgServer, dbname: str) -> dict:
+    """Every table's rows (a count and a digest), the sequence, the large objects and the indexes."""
+    tables = server.sql("SELECT format('%I.%I', schemaname, relname) FROM pg_stat_user_tables UNION "
+                        "SELECT format('%I.%I', schemaname, matviewname) FROM pg_matviews", dbname=dbname)  # fmt: skip
+    digest = "SELECT count(*), md5(coalesce(string_agg(t::text, '|' ORDER BY t::text), '')) FROM {} t"
+    found = {name: server.sql(digest.format(name), dbname=dbname)[0] for (name,) in tables}
+    found["sequence"] = server.sql("SELECT last_value FROM invoice_numbers", dbname=dbname)
+    found["large objects"] = server.sql("SELECT encode(lo_get(oid), 'escape') FROM pg_largeobject_metadata",
+                                        dbname=dbname)  # fmt: skip
+    found["indexes"] = server.sql("SELECT indexname FROM pg_indexes WHERE schemaname = 'public' ORDER BY 1",
+                                  dbname=dbname)  # fmt: skip
+    return found
+
+
+def test_parallel_streams_carry_every_table_sequence_and_large_object(pg: PgServer, source: PgServer, staging):
+    res = refresh(pg, source, jobs=3, owner=APP)
+    assert "(3 pg_dump | pg_restore streams on one snapshot, indexes by 3 jobs, no file)" in "\n".join(res.log)
+    expected = contents(source, PROD)
+    assert len(expected) == 10 and len(expected["indexes"]) == 4  # 6 tables and the view; 4 indexes
+    assert contents(pg, STAGING) == expected
+
+
+# one plain stream into psql, and parallel pg_dump | pg_restore streams
+STREAMS = pytest.mark.parametrize("jobs", [1, 2])
+
+
+@STREAMS
+def test_source_dying_midway_leaves_the_live_copy_intact(pg: PgServer, source: PgServer, staging, tmp_path: Path,
+                                                        jobs: int):  # fmt: skip
+    request = {"db": STAGING, "source": source_options(source), "jobs": jobs}
     proc = paused_restore(pg, request, "streaming", tmp_path)
     ended = source.sql("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s "
                        "AND application_name = 'pgops.dbrestore'", (PROD,))  # fmt: skip
-    assert ended == [(True,)]  # pg_dump's session, mid-COPY
+    assert ended and all(e == (True,) for e in ended)  # the pg_dump sessions, mid-COPY, and the snapshot's
     os.kill(proc.pid, signal.SIGCONT)
     assert proc.wait(timeout=60) != 0
     err = proc.stderr.read()
@@ -134,8 +172,11 @@ def test_source_dying_midway_leaves_the_live_copy_intact(pg: PgServer, source: P
     assert staging_name(STAGING) not in {r[0] for r in pg.sql("SELECT datname FROM pg_database")}
 
 
-def test_killed_refresh_leaves_the_live_copy_intact(pg: PgServer, source: PgServer, staging, tmp_path: Path):
-    proc = paused_restore(pg, {"db": STAGING, "source": source_options(source)}, "streaming", tmp_path)
+@STREAMS
+def test_killed_refresh_leaves_the_live_copy_intact(pg: PgServer, source: PgServer, staging, tmp_path: Path,
+                                                    jobs: int):  # fmt: skip
+    request = {"db": STAGING, "source": source_options(source), "jobs": jobs}
+    proc = paused_restore(pg, request, "streaming", tmp_path)
     proc.kill()
     proc.wait(timeout=30)
     deadline = time.monotonic() + 30  # pg_dump and psql die with it: their sessions go
