@@ -86,6 +86,10 @@ def source_options(src: PgServer, **kw) -> dict:
             "password": SUPERUSER_PASSWORD, "ssl_mode": "disable", **kw}  # fmt: skip
 
 
+# one plain stream into psql, and parallel pg_dump | pg_restore streams
+STREAMS = pytest.mark.parametrize("jobs", [1, 2])
+
+
 def refresh(pg: PgServer, src: PgServer, check_mode: bool = False, **kw):
     req = RestoreRequest(db=STAGING, source=source_options(src), bindir=str(client_bindir()), **kw)
     return restore_database(pg.params(), req, check_mode=check_mode)
@@ -106,12 +110,15 @@ def staging_users(pg: PgServer) -> list:
     return pg.sql("SELECT email FROM users ORDER BY id", dbname=STAGING)
 
 
-def test_refresh_holds_the_source_scrubbed_and_the_source_was_only_read(pg: PgServer, source: PgServer, staging):
+@STREAMS
+def test_refresh_holds_the_source_scrubbed_and_the_source_was_only_read(pg: PgServer, source: PgServer, staging,
+                                                                        jobs: int):  # fmt: skip
     xid, (commits, writes) = next_xid(source), row_changes(source)
-    planned = refresh(pg, source, check_mode=True, sanitize=[SCRUB], owner=APP)
+    planned = refresh(pg, source, check_mode=True, sanitize=[SCRUB], owner=APP, jobs=jobs)
     assert planned.plan[0].startswith(f'create "{staging_name(STAGING)}" and stream postgres@127.0.0.1:')
     assert [p.split(" ")[0] for p in planned.plan] == ["create", "sanitize", "verify", "close"]
-    res = refresh(pg, source, sanitize=[SCRUB], owner=APP, verify_query="SELECT count(*) = 100000 FROM events")
+    res = refresh(pg, source, sanitize=[SCRUB], owner=APP, verify_query="SELECT count(*) = 100000 FROM events",
+                  jobs=jobs)  # fmt: skip
     assert res.changed and res.format == "server" and res.steps_done == res.plan and res.previous_db
     assert res.marker_after["src"] == f"postgres@127.0.0.1:{source.port}/{PROD}" and res.marker_after["sanitize"]
     assert pg.sql("SELECT count(*), count(*) FILTER (WHERE email LIKE '%@example.invalid' AND api_key IS NULL) "
@@ -150,10 +157,6 @@ def test_parallel_streams_carry_every_table_sequence_and_large_object(pg: PgServ
     expected = contents(source, PROD)
     assert len(expected) == 10 and len(expected["indexes"]) == 4  # 6 tables and the view; 4 indexes
     assert contents(pg, STAGING) == expected
-
-
-# one plain stream into psql, and parallel pg_dump | pg_restore streams
-STREAMS = pytest.mark.parametrize("jobs", [1, 2])
 
 
 @STREAMS
