@@ -134,7 +134,7 @@ def restore_into(
                 tables, indexes = (toc_totals(dump.toc) if dump.toc is not None
                                    else list_totals([pg_restore, "-l", dump.child_path], env, fds))  # fmt: skip
                 progress.totals(tables, indexes, dump.size)
-            split_ok = opts.split and opts.jobs > 1 and not opts.tool_args and dump.format in ("custom", "directory")
+            split_ok = opts.split and opts.jobs > 1 and not opts.tool_args
             if split_ok and not (old_server and tool_version(pg_restore)[0] >= 17):
                 loaded = _restore_split(params, dbname, dump, opts, pg_restore, env, progress)
                 if loaded is not None:
@@ -193,9 +193,11 @@ def _restore_split(
 ) -> list[str] | None:
     """pre-data; the large tables by several COPY sessions each while pg_restore --jobs loads the rest; post-data.
 
-    None when none of opts.split is in the dump (the caller restores it as usual).
+    None when none of opts.split is in the dump (the caller restores it as usual). A tar archive cannot be
+    restored with --jobs: there the rest and post-data run on one job, the large tables still split.
     """
     fds = (dump.fd,)
+    jobs = [f"--jobs={opts.jobs}"] if dump.format != "tar" else []
     toc = dump.toc
     if toc is None:
         try:
@@ -222,7 +224,7 @@ def _restore_split(
 
         def rest() -> None:
             try:
-                run_tool([*base, "--section=data", f"--jobs={opts.jobs}", "-L", list_file.name, dump.child_path],
+                run_tool([*base, "--section=data", *jobs, "-L", list_file.name, dump.child_path],
                          env, pass_fds=fds, **watch)  # fmt: skip
             except BaseException as exc:  # noqa: BLE001 - raised in the caller's thread below
                 rest_failed.append(exc)
@@ -241,7 +243,7 @@ def _restore_split(
             others.join()
         if rest_failed:
             raise rest_failed[0]
-        run_tool([*base, "--section=post-data", f"--jobs={opts.jobs}", dump.child_path], env, pass_fds=fds, **watch)
+        run_tool([*base, "--section=post-data", *jobs, dump.child_path], env, pass_fds=fds, **watch)
     if progress is not None:
         progress.loaded()
     return []

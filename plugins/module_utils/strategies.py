@@ -37,7 +37,7 @@ from ansible_collections.pgops.dbrestore.plugins.module_utils.copies import (
     undone_name,
     utc_stamp,
 )
-from ansible_collections.pgops.dbrestore.plugins.module_utils.dumpfile import DumpSource
+from ansible_collections.pgops.dbrestore.plugins.module_utils.dumpfile import ARCHIVE_FORMATS, DumpSource
 from ansible_collections.pgops.dbrestore.plugins.module_utils.guard import BlockGuard
 from ansible_collections.pgops.dbrestore.plugins.module_utils.keep import (
     Carrier,
@@ -225,7 +225,7 @@ class Staging:
     def plan_split(self) -> None:
         """The live database's large tables, loaded by several COPY sessions each (found before the steps run)."""
         op, t, req = self.t.op, self.t, self.t.op.req
-        if req.parallel_table_mb and req.load_jobs > 1 and self.dump.format in ("custom", "directory") \
+        if req.parallel_table_mb and req.load_jobs > 1 and self.dump.format in ARCHIVE_FORMATS \
                 and not req.tool_args and t.live_oid is not None and req.strategy == "swap":  # fmt: skip
             try:
                 self.split = frozenset(large_tables(op.params, t.db, req.parallel_table_mb << 20))

@@ -234,9 +234,10 @@ options:
         the one dump stream (cut on row boundaries), while C(pg_restore --jobs) loads the other tables; indexes and
         constraints follow with C(pg_restore --jobs), after all the data. C(pg_restore --jobs) alone loads a table
         on one job, so a database dominated by one large table would load it on one core.
-      - For custom and directory dumps, when the live database exists (its table sizes tell which tables are
-        large), O(jobs) is more than 1 and O(tool_args) is empty; otherwise, and for tar and plain dumps, the dump
-        is restored as a whole as before. V(0) never splits a table.
+      - For custom, directory and tar dumps, when the live database exists (its table sizes tell which tables are
+        large), O(jobs) is more than 1 and O(tool_args) is empty; otherwise, and for plain dumps, the dump is
+        restored as a whole as before. A tar archive allows no C(pg_restore --jobs): the other tables and the
+        indexes load on one job there, the large tables still by O(jobs) sessions. V(0) never splits a table.
       - Every restore session (and the tools') runs with C(synchronous_commit=off) and a C(maintenance_work_mem)
         sized to the host (an eighth of its memory shared by the jobs, 64 MB to 2 GB); nothing is changed for
         other sessions. The switch commits synchronously, which makes everything loaded before it durable.

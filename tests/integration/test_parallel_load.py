@@ -1,5 +1,5 @@
 """A large table loaded by several COPY sessions from the one dump stream holds exactly what a plain pg_restore
-of the same dump loads: row counts and a checksum of every table, for custom and directory dumps."""
+of the same dump loads: row counts and a checksum of every table, for custom, directory and tar dumps."""
 
 from __future__ import annotations
 
@@ -50,7 +50,7 @@ def source(pg: PgServer):
     drop_database(pg, "split_source")
 
 
-@pytest.mark.parametrize("fmt", ["custom", "directory"])
+@pytest.mark.parametrize("fmt", ["custom", "directory", "tar"])
 def test_split_load_equals_a_plain_pg_restore(pg: PgServer, source: str, dbname: str, tmp_path: Path, fmt: str):
     dump = make_dump(pg, source, fmt, tmp_path / f"split.{fmt}")
     plain = f"split_plain_{fmt}"
