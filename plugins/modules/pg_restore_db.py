@@ -236,7 +236,7 @@ options:
         on one job, so a database dominated by one large table would load it on one core.
       - For custom, directory and tar dumps, when the live database exists (its table sizes tell which tables are
         large), O(jobs) is more than 1 and O(tool_args) is empty; otherwise, and for plain dumps, the dump is
-        restored as a whole as before. A tar archive allows no C(pg_restore --jobs): the other tables and the
+        restored as a whole as before. As a tar archive allows no C(pg_restore --jobs), the other tables and the
         indexes load on one job there, the large tables still by O(jobs) sessions. V(0) never splits a table.
       - Every restore session (and the tools') runs with C(synchronous_commit=off) and a C(maintenance_work_mem)
         sized to the host (an eighth of its memory shared by the jobs, 64 MB to 2 GB); nothing is changed for

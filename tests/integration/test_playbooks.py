@@ -206,6 +206,13 @@ def test_refuses_unclear_requests(pg: PgServer, inventory: Path, hoge_db: str):
     refused(pg, playbook(inventory, "restore"), dbs, "Name the database")
 
 
+def test_refuses_a_set_with_a_database_mapped_to_a_host_outside_the_play(pg: PgServer, inventory: Path, hoge_db: str):
+    dbs = databases(pg)
+    proc = playbook(inventory, "restore", "-e", "dbs=shard_a,shard_b", "-e", '{"restore_db_hosts": {"shard_b": "db9"}}')
+    refused(pg, proc, dbs, "restore_db_hosts maps shard_b to db9, not a host of this play (localhost): fix "
+            "restore_db_hosts or db_hosts (and --limit).")  # fmt: skip
+
+
 def test_refuses_a_missing_backup_directory(pg: PgServer, inventory: Path, hoge_db: str, tmp_path: Path):
     dbs, missing = databases(pg), tmp_path / "no-such-dir"
     proc = playbook(inventory, "restore", "-e", "db=hoge_db", "-e", f"restore_backup_dir={missing}")
