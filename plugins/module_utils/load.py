@@ -58,6 +58,7 @@ class LoadOptions:
     tool_args: tuple[str, ...] = ()
     # (schema, table) of the tables to load by `jobs` COPY sessions at once (parallel.py); empty: none
     split: frozenset[tuple[str, str]] = frozenset()
+    split_bytes: int = 0  # a source's tables of at least this size are loaded by `jobs` COPY sessions each (stream.py)
     split_loaded: list[str] = field(default_factory=list)  # filled in: the tables that were loaded split
 
 

@@ -227,12 +227,14 @@ class Staging:
                 op.res.warnings.append(f'cannot read the table sizes of "{t.db}" ({exc}): no table is split')
 
     def steps(self) -> list[Step]:
-        t, fmt = self.t, self.dump.format
+        t, fmt, req = self.t, self.dump.format, self.t.op.req
         split = ""
         if self.split:
             names = ", ".join(sorted(".".join(n) for n in self.split))
-            split = f" ({names}: {self.t.op.req.load_jobs} COPY sessions each when in the dump)"
-        what = f"stream {self.dump.path} into it" if fmt == "server" else f"restore the {fmt} dump into it{split}"
+            split = f" ({names}: {req.load_jobs} COPY sessions each when in the dump)"
+        elif fmt == "server" and req.parallel_table_mb and req.load_jobs > 1 and not req.tool_args:
+            split = f" (tables of at least {req.parallel_table_mb} MB: {req.load_jobs} COPY sessions each)"
+        what = (f"stream {self.dump.path} into it" if fmt == "server" else f"restore the {fmt} dump into it") + split
         steps = [Step("stage", f'create "{t.staging}" and {what}', self._load)]
         if self.scripts:
             names = ", ".join(s.name for s in self.scripts)
@@ -265,12 +267,18 @@ class Staging:
 
     def _run_load(self) -> None:
         op, t, req = self.t.op, self.t, self.t.op.req
-        opts = LoadOptions(bindir=t.bindir, jobs=req.load_jobs, tool_args=req.tool_args, split=self.split)
+        opts = LoadOptions(bindir=t.bindir, jobs=req.load_jobs, tool_args=req.tool_args, split=self.split,
+                           split_bytes=req.parallel_table_mb << 20)  # fmt: skip
         if isinstance(self.dump, ServerSource):
             op.res.stripped_statements = self.dump.load_into(op.params, op.conn, t.staging, opts)
             how = (f"{self.dump.streams} pg_dump | pg_restore streams on one snapshot, indexes by {req.load_jobs} jobs"
                    if self.dump.streams > 1 else "pg_dump | psql")  # fmt: skip
             op.res.log.append(f'streamed {self.dump.path} into "{t.staging}" ({how}, no file)')
+            if opts.split_loaded:
+                op.res.log.append(
+                    f"loaded {', '.join(opts.split_loaded)} by {req.load_jobs} COPY sessions each, "
+                    f"a range of pages each (at least {req.parallel_table_mb} MB in the source)"
+                )
             return
         op.res.stripped_statements = restore_into(op.params, op.info, t.staging, self.dump, opts, op.progress)
         if opts.split_loaded:

@@ -33,8 +33,10 @@ from ansible_collections.pgops.dbrestore.plugins.module_utils.postgres import (
     connect,
     psycopg,
     server_info,
+    sql,
 )
 from ansible_collections.pgops.dbrestore.plugins.module_utils.tools import (
+    PipeSpec,
     ToolOutput,
     find_tool,
     run_pipes,
@@ -45,13 +47,21 @@ from ansible_collections.pgops.dbrestore.plugins.module_utils.tools import (
 # SET lines pg_dump writes that an older target server may not know; left out when it does not
 _NEWER_SETTINGS = ("transaction_timeout", "default_table_access_method", "idle_in_transaction_session_timeout",
                    "row_security", "default_toast_compression")  # fmt: skip
-# the source's tables, largest first (heap and TOAST): what the data streams share out
+# the source's tables, largest first (heap and TOAST): what the data streams share out, with the heap's pages
 _TABLES = (
-    "SELECT n.nspname, c.relname, COALESCE(pg_catalog.pg_table_size(c.oid), 0) FROM pg_catalog.pg_class c "
-    "JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace WHERE c.relkind = 'r' AND c.relpersistence <> 't' "
-    "AND n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname !~ '^pg_toast' "
-    "ORDER BY 3 DESC, 1, 2 LIMIT %s"
+    "SELECT n.nspname, c.relname, COALESCE(pg_catalog.pg_table_size(c.oid), 0), c.oid, "
+    "COALESCE(pg_catalog.pg_relation_size(c.oid), 0) / pg_catalog.current_setting('block_size')::int "
+    "FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace "
+    "WHERE c.relkind = 'r' AND c.relpersistence <> 't' AND n.nspname NOT IN ('pg_catalog', 'information_schema') "
+    "AND n.nspname !~ '^pg_toast' ORDER BY 3 DESC, 1, 2 LIMIT %s"
 )
+# the columns COPY can fill, in order (generated ones are computed by the target)
+_COLUMNS = (
+    "SELECT attname FROM pg_catalog.pg_attribute WHERE attrelid = %s AND attnum > 0 AND NOT attisdropped "
+    "AND attgenerated = '' ORDER BY attnum"
+)
+# what the two psql sessions of a split table agree on, as pg_dump sets it for its COPY text
+_COPY_TEXT = {"datestyle": "ISO", "intervalstyle": "postgres", "extra_float_digits": "3"}
 # tables named on the pg_dump command lines at most (an argv has a size limit); smaller ones go to the first stream
 _NAMED_TABLES = 1000
 
@@ -124,17 +134,24 @@ class ServerSource:
             with connect(self.params, autocommit=False) as conn:
                 conn.isolation_level, conn.read_only = psycopg.IsolationLevel.REPEATABLE_READ, True
                 snapshot = conn.execute("SELECT pg_catalog.pg_export_snapshot()").fetchone()[0]
-                tables = conn.execute(_TABLES, (_NAMED_TABLES,)).fetchall()
+                rows = conn.execute(_TABLES, (_NAMED_TABLES,)).fetchall()
                 dump = [find_tool("pg_dump", opts.bindir), "--no-password", "--format=custom", "--compress=0",
                         f"--snapshot={snapshot}", "-d", conninfo_for(self.params.login_db)]  # fmt: skip
                 run_tool([*dump, "--section=pre-data", "--section=post-data", "-f", schema], src_env)
                 run_tool([*restore, "--section=pre-data", "--single-transaction", schema], dst_env)
-                shares = share_tables(tables, opts.jobs)
+                # TID range scans (14+) let each COPY session read only its pages of a large table
+                large = [r for r in rows if opts.split_bytes and r[2] >= opts.split_bytes and r[4] >= opts.jobs
+                         and self.info.version_num >= 140000]  # type: ignore[union-attr]  # fmt: skip
+                split = SplitTables(conn, snapshot, large, opts.jobs, find_tool("psql", opts.bindir))
+                pipes = split.pipes(src_env, self.params.login_db, dst_env, dbname)
+                shares = share_tables([r[:3] for r in rows if r not in large], opts.jobs)
                 others = [f"--exclude-table-data={table_pattern(*t)}" for share in shares[1:] for t in share]
+                others += [f"--exclude-table-data={table_pattern(r[0], r[1])}" for r in large]
                 selections = [others] + [[f"--table={table_pattern(*t)}" for t in share] for share in shares[1:]]
                 self.streams = len(selections)
-                run_pipes([([*dump, "--section=data", *sel], src_env, restore, dst_env) for sel in selections],
-                          between=lambda: pause_point("streaming"))  # fmt: skip
+                pipes += [([*dump, "--section=data", *sel], src_env, restore, dst_env) for sel in selections]
+                run_pipes(pipes, between=lambda: pause_point("streaming"))
+                opts.split_loaded.extend(f"{r[0]}.{r[1]}" for r in large)
             run_tool([*restore, "--section=post-data", f"--jobs={opts.jobs}", schema], dst_env)
 
     def _load_plain(self, target: ConnParams, target_conn: Any, dbname: str, opts: LoadOptions) -> list[str]:
@@ -153,6 +170,47 @@ class ServerSource:
             except PgOpsError as exc:
                 raise PgOpsError(f"streaming {self.path} failed: {exc}", sqlstate=exc.sqlstate) from exc
         return flt.dropped
+
+
+class SplitTables:
+    """Each large table by `parts` pairs of psql at once, each pair copying one range of its pages.
+
+    The reading psql joins the exported snapshot and runs COPY (SELECT … WHERE ctid in its range)
+    TO STDOUT; the writing one COPY … FROM STDIN on the staging copy; an OS pipe joins them. The
+    last range is open-ended, so no page is missed. Both ends use the source database's encoding
+    and pg_dump's date and float settings; the reader runs with row_security off, as pg_dump.
+    """
+
+    def __init__(self, conn: Any, snapshot: str, large: list[tuple[Any, ...]], parts: int, psql: str) -> None:
+        self.conn, self.snapshot, self.large, self.parts, self.psql = conn, snapshot, large, parts, psql
+        self.encoding = conn.execute("SELECT pg_catalog.current_setting('server_encoding')").fetchone()[0]
+
+    def pipes(self, src_env: dict[str, str], source_db: str, dst_env: dict[str, str], target_db: str) -> list[PipeSpec]:
+        read_env = {**src_env, "PGCLIENTENCODING": self.encoding,
+                    "PGOPTIONS": f"{src_env['PGOPTIONS']} -c row_security=off {pgoptions(_COPY_TEXT)}"}  # fmt: skip
+        write_env = {**dst_env, "PGCLIENTENCODING": self.encoding,
+                     "PGOPTIONS": f"{dst_env['PGOPTIONS']} {pgoptions(_COPY_TEXT)}"}  # fmt: skip
+        base = [self.psql, "-X", "-q", "--no-password", "-v", "ON_ERROR_STOP=1", "-d"]
+        begin = [
+            "-c",
+            "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY",
+            "-c",
+            sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(self.snapshot)).as_string(self.conn),
+        ]
+        pipes = []
+        for schema, table, _size, oid, pages in self.large:
+            cols = sql.SQL(", ").join(sql.Identifier(r[0]) for r in self.conn.execute(_COLUMNS, (oid,)).fetchall())
+            name = sql.Identifier(schema, table)
+            write = sql.SQL("COPY {} ({}) FROM STDIN").format(name, cols).as_string(self.conn)
+            bounds = [pages * k // self.parts for k in range(self.parts)]
+            for n, first in enumerate(bounds):
+                where = sql.SQL("ctid >= {}::tid").format(sql.Literal(f"({first},0)"))
+                if n + 1 < len(bounds):
+                    where += sql.SQL(" AND ctid < {}::tid").format(sql.Literal(f"({bounds[n + 1]},0)"))
+                read = sql.SQL("COPY (SELECT {} FROM ONLY {} WHERE {}) TO STDOUT").format(cols, name, where)
+                pipes.append(([*base, conninfo_for(source_db), *begin, "-c", read.as_string(self.conn)],
+                              read_env, [*base, conninfo_for(target_db), "-c", write], write_env))  # fmt: skip
+        return pipes
 
 
 def share_tables(tables: list[tuple[str, str, int]], jobs: int) -> list[list[tuple[str, str]]]:

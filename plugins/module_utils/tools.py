@@ -11,7 +11,7 @@ import subprocess
 import tempfile
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Dict, List, Tuple
 
 from ansible_collections.pgops.dbrestore.plugins.module_utils.postgres import PgOpsError, psycopg
 
@@ -151,6 +151,10 @@ def conninfo_for(dbname: str) -> str:
     return psycopg.conninfo.make_conninfo(dbname=dbname)
 
 
+# producer argv and environment, consumer argv and environment (typing's names: evaluated on Python 3.8)
+PipeSpec = Tuple[List[str], Dict[str, str], List[str], Dict[str, str]]
+
+
 class _Pipe:
     """producer | consumer with an OS pipe between them: the data never passes through Python."""
 
@@ -193,8 +197,7 @@ class _Pipe:
             err.close()
 
 
-def run_pipes(pipes: list[tuple[list[str], dict[str, str], list[str], dict[str, str]]],
-              between: Callable[[], None] | None = None) -> None:  # fmt: skip
+def run_pipes(pipes: list[PipeSpec], between: Callable[[], None] | None = None) -> None:
     """Run producer | consumer pairs at once; the first failure stops the others and is raised.
 
     Every producer starts before any consumer, with `between` called in the gap (a test's pause

@@ -75,7 +75,9 @@ options:
         one snapshot. With O(jobs) above 1 the snapshot is exported by a C(REPEATABLE READ, READ ONLY) transaction
         of the module on the source, and the data goes through O(jobs) streams of C(pg_dump --section=data |
         pg_restore) at once, each with a share of the tables balanced by size; the schema through a small
-        temporary archive, indexes and constraints after the data by C(pg_restore --jobs). With O(jobs=1), with
+        temporary archive, indexes and constraints after the data by C(pg_restore --jobs). A table of at least
+        O(parallel_table_mb) in a source of PostgreSQL 14 or later is read by O(jobs) sessions at once, each a
+        range of its pages, in the same snapshot. With O(jobs=1), with
         O(tool_args), with a source before PostgreSQL 10, or with client tools 17+ against a server before 17, one
         C(pg_dump) streams plain SQL into C(psql --single-transaction). A source that fails or a run killed midway
         leaves the live database untouched.
@@ -225,8 +227,9 @@ options:
     type: str
   jobs:
     description:
-      - Parallel jobs of C(pg_restore) for custom and directory dumps. Default is half the CPUs of the host that
-        runs the module (at least 1), so that a live server on the same host keeps serving.
+      - Parallel jobs of C(pg_restore) for custom and directory dumps, and the parallel streams of a O(source)
+        refresh. Default is half the CPUs of the host that runs the module (at least 1), so that a live server on
+        the same host keeps serving.
     type: int
   parallel_table_mb:
     description:
@@ -234,6 +237,7 @@ options:
         the one dump stream (cut on row boundaries), while C(pg_restore --jobs) loads the other tables; indexes and
         constraints follow with C(pg_restore --jobs), after all the data. C(pg_restore --jobs) alone loads a table
         on one job, so a database dominated by one large table would load it on one core.
+      - With O(source), the size is the source's: see O(source).
       - For custom, directory and tar dumps, when the live database exists (its table sizes tell which tables are
         large), O(jobs) is more than 1 and O(tool_args) is empty; otherwise, and for plain dumps, the dump is
         restored as a whole as before. As a tar archive allows no C(pg_restore --jobs), the other tables and the

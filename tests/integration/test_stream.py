@@ -40,7 +40,10 @@ PRODUCTION = """
 CREATE TABLE users (id bigserial PRIMARY KEY, email text NOT NULL UNIQUE, api_key text);
 INSERT INTO users (email, api_key) SELECT 'person' || g || '@gmail.com', 'live_' || g FROM generate_series(1, 500) g;
 CREATE TABLE events (id bigserial PRIMARY KEY, user_id bigint REFERENCES users, payload text);
-INSERT INTO events (user_id, payload) SELECT 1 + g % 500, repeat(md5(g::text), 3) FROM generate_series(1, 100000) g;
+ALTER TABLE events ADD COLUMN dropped int, ADD COLUMN payload_length int GENERATED ALWAYS AS (length(payload)) STORED;
+ALTER TABLE events DROP COLUMN dropped;
+INSERT INTO events (user_id, payload) SELECT 1 + g % 500, repeat(md5(g::text), 3)
+    || CASE WHEN g % 1000 = 0 THEN E'\\tü€\\n𝄞\\\\' ELSE '' END FROM generate_series(1, 100000) g;
 CREATE TABLE "Odd.Name*" ("a""b" int PRIMARY KEY);
 INSERT INTO "Odd.Name*" SELECT generate_series(1, 300);
 CREATE TABLE visits (day date NOT NULL, n int) PARTITION BY RANGE (day);
@@ -86,7 +89,7 @@ def source_options(src: PgServer, **kw) -> dict:
             "password": SUPERUSER_PASSWORD, "ssl_mode": "disable", **kw}  # fmt: skip
 
 
-# one plain stream into psql, and parallel pg_dump | pg_restore streams
+# one plain stream into psql, and parallel pg_dump | pg_restore streams (events split over psql pairs)
 STREAMS = pytest.mark.parametrize("jobs", [1, 2])
 
 
@@ -118,7 +121,7 @@ def test_refresh_holds_the_source_scrubbed_and_the_source_was_only_read(pg: PgSe
     assert planned.plan[0].startswith(f'create "{staging_name(STAGING)}" and stream postgres@127.0.0.1:')
     assert [p.split(" ")[0] for p in planned.plan] == ["create", "sanitize", "verify", "close"]
     res = refresh(pg, source, sanitize=[SCRUB], owner=APP, verify_query="SELECT count(*) = 100000 FROM events",
-                  jobs=jobs)  # fmt: skip
+                  jobs=jobs, parallel_table_mb=1)  # fmt: skip
     assert res.changed and res.format == "server" and res.steps_done == res.plan and res.previous_db
     assert res.marker_after["src"] == f"postgres@127.0.0.1:{source.port}/{PROD}" and res.marker_after["sanitize"]
     assert pg.sql("SELECT count(*), count(*) FILTER (WHERE email LIKE '%@example.invalid' AND api_key IS NULL) "
@@ -152,8 +155,13 @@ def contents(server: PgServer, dbname: str) -> dict:
 
 
 def test_parallel_streams_carry_every_table_sequence_and_large_object(pg: PgServer, source: PgServer, staging):
-    res = refresh(pg, source, jobs=3, owner=APP)
-    assert "(3 pg_dump | pg_restore streams on one snapshot, indexes by 3 jobs, no file)" in "\n".join(res.log)
+    planned = refresh(pg, source, check_mode=True, jobs=3, parallel_table_mb=1, owner=APP)
+    assert planned.plan[0].endswith(" into it (tables of at least 1 MB: 3 COPY sessions each)"), planned.plan
+    res = refresh(pg, source, jobs=3, parallel_table_mb=1, owner=APP)
+    log = "\n".join(res.log)
+    assert "(3 pg_dump | pg_restore streams on one snapshot, indexes by 3 jobs, no file)" in log, log
+    # events (a generated column, a dropped one, escapes and multibyte text): three ranges of its pages
+    assert "loaded public.events by 3 COPY sessions each, a range of pages each (at least 1 MB" in log, log
     expected = contents(source, PROD)
     assert len(expected) == 10 and len(expected["indexes"]) == 4  # 6 tables and the view; 4 indexes
     assert contents(pg, STAGING) == expected
@@ -162,7 +170,7 @@ def test_parallel_streams_carry_every_table_sequence_and_large_object(pg: PgServ
 @STREAMS
 def test_source_dying_midway_leaves_the_live_copy_intact(pg: PgServer, source: PgServer, staging, tmp_path: Path,
                                                         jobs: int):  # fmt: skip
-    request = {"db": STAGING, "source": source_options(source), "jobs": jobs}
+    request = {"db": STAGING, "source": source_options(source), "jobs": jobs, "parallel_table_mb": 1}
     proc = paused_restore(pg, request, "streaming", tmp_path)
     ended = source.sql("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s "
                        "AND application_name = 'pgops.dbrestore'", (PROD,))  # fmt: skip
@@ -170,7 +178,8 @@ def test_source_dying_midway_leaves_the_live_copy_intact(pg: PgServer, source: P
     os.kill(proc.pid, signal.SIGCONT)
     assert proc.wait(timeout=60) != 0
     err = proc.stderr.read()
-    assert f"refresh from postgres@127.0.0.1:{source.port}/{PROD} failed" in err and "pg_dump exited" in err
+    assert f"refresh from postgres@127.0.0.1:{source.port}/{PROD} failed" in err
+    assert re.search(r"(pg_dump|psql) exited with", err), err  # a stream's reader: pg_dump, or psql of a split table
     assert staging_users(pg) == [("old@staging.invalid",)]
     assert staging_name(STAGING) not in {r[0] for r in pg.sql("SELECT datname FROM pg_database")}
 
@@ -178,7 +187,7 @@ def test_source_dying_midway_leaves_the_live_copy_intact(pg: PgServer, source: P
 @STREAMS
 def test_killed_refresh_leaves_the_live_copy_intact(pg: PgServer, source: PgServer, staging, tmp_path: Path,
                                                     jobs: int):  # fmt: skip
-    request = {"db": STAGING, "source": source_options(source), "jobs": jobs}
+    request = {"db": STAGING, "source": source_options(source), "jobs": jobs, "parallel_table_mb": 1}
     proc = paused_restore(pg, request, "streaming", tmp_path)
     proc.kill()
     proc.wait(timeout=30)
