@@ -7,7 +7,8 @@ jobs > 1 the load runs in parallel on a snapshot exported by our own REPEATABLE 
 transaction on the source: the schema as a small custom archive (pre-data restored first,
 post-data -- indexes, constraints -- last by pg_restore --jobs, which needs a file), and between
 them `jobs` streams of `pg_dump --section=data | pg_restore`, each with a share of the tables
-balanced by size. Otherwise, and with tool_args (they may select tables), the plain SQL of one
+balanced by size, and a large table (split_bytes, sources of 14+) by `jobs` psql pairs, a range
+of its pages each (SplitTables). Otherwise, and with tool_args (they may select tables), the plain SQL of one
 pg_dump goes through the same filter as a plain dump file (our \\restrict key, statements on
 other databases left out) into psql --single-transaction. Either way a source that dies
 midway, or a killed run, leaves only the staging copy, which is dropped.
