@@ -237,7 +237,7 @@ options:
         the one dump stream (cut on row boundaries), while C(pg_restore --jobs) loads the other tables; indexes and
         constraints follow with C(pg_restore --jobs), after all the data. C(pg_restore --jobs) alone loads a table
         on one job, so a database dominated by one large table would load it on one core.
-      - With O(source), the size is the source's: see O(source).
+      - With O(source), the sizes are the source's (see O(source)).
       - For custom, directory and tar dumps, when the live database exists (its table sizes tell which tables are
         large), O(jobs) is more than 1 and O(tool_args) is empty; otherwise, and for plain dumps, the dump is
         restored as a whole as before. As a tar archive allows no C(pg_restore --jobs), the other tables and the

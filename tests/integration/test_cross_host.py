@@ -192,7 +192,8 @@ def fresh_request(servers: dict) -> dict[str, int] | None:
 
 
 def sessions(servers: dict) -> list[tuple]:
-    query = "SELECT datname, pid FROM pg_stat_activity WHERE datname LIKE 'shard_'"
+    # client sessions only: autovacuum may work in a closed database (it is allowed in), as on a freshly loaded copy
+    query = "SELECT datname, pid FROM pg_stat_activity WHERE datname LIKE 'shard_' AND backend_type = 'client backend'"
     return [row for server in servers.values() for row in server.sql(query)]
 
 
