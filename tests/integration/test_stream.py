@@ -169,7 +169,7 @@ def test_parallel_streams_carry_every_table_sequence_and_large_object(pg: PgServ
 
 @STREAMS
 def test_source_dying_midway_leaves_the_live_copy_intact(pg: PgServer, source: PgServer, staging, tmp_path: Path,
-                                                        jobs: int):  # fmt: skip
+                                                         jobs: int):  # fmt: skip
     request = {"db": STAGING, "source": source_options(source), "jobs": jobs, "parallel_table_mb": 1}
     proc = paused_restore(pg, request, "streaming", tmp_path)
     ended = source.sql("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s "
