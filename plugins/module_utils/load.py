@@ -44,6 +44,7 @@ from ansible_collections.pgops.dbrestore.plugins.module_utils.tools import (
     ToolOutput,
     find_tool,
     has_restrict,
+    in_threads,
     run_tool,
     tool_version,
 )
@@ -326,11 +327,7 @@ def analyze_tables(params: ConnParams, dbname: str, conn: Any, jobs: int) -> Non
 
     sessions = [conn] + [connect(params.with_db(dbname)) for _n in range(min(jobs, len(tables)) - 1)]
     try:
-        threads = [threading.Thread(target=worker, args=(s,), name="pgops-analyze", daemon=True) for s in sessions]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
+        in_threads(worker, sessions, "pgops-analyze")
     finally:
         for session in sessions[1:]:
             session.close()

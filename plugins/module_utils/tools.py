@@ -197,6 +197,15 @@ class _Pipe:
             err.close()
 
 
+def in_threads(target: Callable[[Any], None], items: list[Any], name: str) -> None:
+    """target(item) for every item, each in a thread of its own, all at once; returns when all have ended."""
+    threads = [threading.Thread(target=target, args=(item,), name=name, daemon=True) for item in items]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+
 def run_pipes(pipes: list[PipeSpec], between: Callable[[], None] | None = None) -> None:
     """Run producer | consumer pairs at once; the first failure stops the others and is raised.
 
@@ -220,11 +229,7 @@ def run_pipes(pipes: list[PipeSpec], between: Callable[[], None] | None = None) 
             between()
         for pipe in running:
             pipe.start_consumer()
-        watchers = [threading.Thread(target=watch, args=(p,), name="pgops-pipe", daemon=True) for p in running]
-        for thread in watchers:
-            thread.start()
-        for thread in watchers:
-            thread.join()
+        in_threads(watch, running, "pgops-pipe")
     finally:
         for pipe in running:
             pipe.kill()
