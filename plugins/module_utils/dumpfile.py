@@ -38,7 +38,7 @@ _SQL_START = re.compile(
 )
 _DB_STATEMENT = re.compile(r"^\s*(CREATE|DROP|ALTER)\s+DATABASE\b", re.IGNORECASE)
 _CONNECT = re.compile(r"^\s*\\(c|connect)(\s|$)")
-_COPY_FROM_STDIN = re.compile(r"^\s*COPY\s.*\bFROM\s+stdin\b.*;\s*$", re.IGNORECASE)
+COPY_FROM_STDIN = re.compile(r"^\s*COPY\s.*\bFROM\s+stdin\b.*;\s*$", re.IGNORECASE)
 # pg_dump 17.6+ wraps plain dumps in \restrict KEY … \unrestrict KEY; we put our own key around the whole load
 _RESTRICT = re.compile(r"^\s*\\(restrict|unrestrict)(\s|$)")
 
@@ -252,14 +252,15 @@ class _FdReader:
 
 
 def _looks_like_sql(data: bytes) -> bool:
-    if b"\0" in data:
+    """Text that starts like SQL. Past that start any encoding: pg_dump writes the database's (LATIN1, EUC_JP…)."""
+    start = _SQL_START.search(data[:4096])
+    if start is None or b"\0" in data:
         return False
     try:
-        data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        if exc.start < len(data) - 4:  # only a multibyte character cut at the end is acceptable
-            return False
-    return bool(_SQL_START.search(data[:4096]))
+        data[: start.start()].decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 class _ProcessStream:
@@ -304,12 +305,16 @@ class PlainFilter:
     in_comment: bool = False  # inside a /* ... */ block, where "Drop database" is prose
     shifted: bool = False  # our \restrict line came before the dump's first: psql's line N is the dump's N-1
 
+    @property
+    def restrict_line(self) -> bytes:
+        return f"\\restrict {self.restrict_key}\n".encode() if self.restrict_key else b""
+
     def lines(self, stream: IO[bytes] | _ProcessStream) -> Iterator[bytes]:
         """The lines to load, behind our \\restrict key: psql then refuses (and stops on) any meta-command in them.
 
         psql, not this filter, decides what is a meta-command: only it knows where quoted text ends.
         """
-        restrict = f"\\restrict {self.restrict_key}\n".encode() if self.restrict_key else b""
+        restrict = self.restrict_line
         in_copy = False
         pending = b""
         while True:
@@ -348,7 +353,7 @@ class PlainFilter:
         if self.in_comment or text.lstrip().startswith("/*"):
             self.in_comment = "*/" not in text[text.find("/*") + 2 :] if not self.in_comment else "*/" not in text
             return False, True
-        if _COPY_FROM_STDIN.match(text):
+        if COPY_FROM_STDIN.match(text):
             return True, True
         if self.unknown_settings and re.match(rf"^SET ({'|'.join(self.unknown_settings)}) = ", text):
             self.dropped.append(text.strip())

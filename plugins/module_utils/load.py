@@ -16,6 +16,7 @@ from typing import Any
 
 from ansible_collections.pgops.dbrestore.plugins.module_utils.dumpfile import DumpSource, PlainFilter, _FdReader
 from ansible_collections.pgops.dbrestore.plugins.module_utils.parallel import (
+    PlainSplit,
     SplitCopy,
     bulk_settings,
     pgoptions,
@@ -164,18 +165,27 @@ def restore_into(
                 progress.loaded()
             return flt.dropped
         psql = psql_argv(opts.bindir, dbname, opts.tool_args)
+        # a large table's rows go to several COPY sessions, the rest to psql sessions around them (PlainSplit)
+        plain_split = PlainSplit(opts.split, flt.restrict_line,
+                                 lambda: SplitCopy(params, dbname, opts.jobs, bulk_settings(opts.jobs)))  # fmt: skip
         with dump.plain_stream() as stream:
             if progress is not None:
                 progress.totals(None, None, dump.size)
                 progress.plain_read = _position(stream)
                 flt.watch = progress.plain_chunk
             try:
-                run_tool(psql, env, feed=flt.lines(stream))
+                if opts.split and opts.jobs > 1 and not opts.tool_args:
+                    opts.split_loaded.extend(
+                        plain_split.load(flt.lines(stream), lambda sql_part: run_tool(psql, env, feed=sql_part))
+                    )
+                else:
+                    run_tool(psql, env, feed=flt.lines(stream))
             except PgOpsError as exc:
-                if not flt.shifted:
+                offset = plain_split.offset - int(flt.shifted)
+                if not offset:
                     raise
-                raise PgOpsError(f"{exc} (psql's line N is line N-1 of the dump: our \\restrict line comes first)",
-                                 sqlstate=exc.sqlstate) from exc  # fmt: skip
+                raise PgOpsError(f"{exc} (psql's line N is line N{offset:+d} of the dump: psql got our \\restrict line "
+                                 "and the dump's settings first)", sqlstate=exc.sqlstate) from exc  # fmt: skip
         if progress is not None:
             progress.loaded()
         return flt.dropped

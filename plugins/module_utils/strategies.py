@@ -35,7 +35,7 @@ from ansible_collections.pgops.dbrestore.plugins.module_utils.copies import (
     undone_name,
     utc_stamp,
 )
-from ansible_collections.pgops.dbrestore.plugins.module_utils.dumpfile import ARCHIVE_FORMATS, DumpSource
+from ansible_collections.pgops.dbrestore.plugins.module_utils.dumpfile import DumpSource
 from ansible_collections.pgops.dbrestore.plugins.module_utils.guard import BlockGuard
 from ansible_collections.pgops.dbrestore.plugins.module_utils.keep import (
     Carrier,
@@ -219,7 +219,7 @@ class Staging:
     def plan_split(self) -> None:
         """The live database's large tables, loaded by several COPY sessions each (found before the steps run)."""
         op, t, req = self.t.op, self.t, self.t.op.req
-        if req.parallel_table_mb and req.load_jobs > 1 and self.dump.format in ARCHIVE_FORMATS \
+        if req.parallel_table_mb and req.load_jobs > 1 and self.dump.format != "server" \
                 and not req.tool_args and t.live_oid is not None and req.strategy == "swap":  # fmt: skip
             try:
                 self.split = frozenset(large_tables(op.params, t.db, req.parallel_table_mb << 20))
@@ -282,8 +282,9 @@ class Staging:
             return
         op.res.stripped_statements = restore_into(op.params, op.info, t.staging, self.dump, opts, op.progress)
         if opts.split_loaded:
+            rest = "pg_restore --jobs" if self.dump.is_archive else "psql sessions around them"
             op.res.log.append(f"loaded {', '.join(opts.split_loaded)} by {req.load_jobs} COPY sessions each (at least "
-                              f"{req.parallel_table_mb} MB in \"{t.db}\"), the rest by pg_restore --jobs")  # fmt: skip
+                              f"{req.parallel_table_mb} MB in \"{t.db}\"), the rest by {rest}")  # fmt: skip
         self.dump.unchanged(op.res.sha256)
         op.res.log.append(f'restored the {self.dump.format} dump into "{t.staging}"')
 

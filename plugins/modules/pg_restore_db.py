@@ -238,10 +238,14 @@ options:
         constraints follow with C(pg_restore --jobs), after all the data. C(pg_restore --jobs) alone loads a table
         on one job, so a database dominated by one large table would load it on one core.
       - With O(source), the sizes are the source's (see O(source)).
-      - For custom, directory and tar dumps, when the live database exists (its table sizes tell which tables are
-        large), O(jobs) is more than 1 and O(tool_args) is empty; otherwise, and for plain dumps, the dump is
-        restored as a whole as before. As a tar archive allows no C(pg_restore --jobs), the other tables and the
-        indexes load on one job there, the large tables still by O(jobs) sessions. V(0) never splits a table.
+      - For every dump format, when the live database exists (its table sizes tell which tables are large),
+        O(jobs) is more than 1 and O(tool_args) is empty; otherwise the dump is restored as a whole. As a tar
+        archive allows no C(pg_restore --jobs), the other tables and the indexes load on one job there, the large
+        tables still by O(jobs) sessions. V(0) never splits a table.
+      - A plain dump runs in C(psql) sessions one after another around its large tables, not in one transaction.
+        A large table's COPY line ends a session (it commits, so the COPY sessions see the table); the next gets
+        the dump's settings so far, then the rest. The staging copy is dropped on any failure, as always.
+      - The COPY sessions write in the dump's C(client_encoding), as C(pg_restore) and C(psql) do.
       - Every restore session (and the tools') runs with C(synchronous_commit=off) and a C(maintenance_work_mem)
         sized to the host (an eighth of its memory shared by the jobs, 64 MB to 2 GB); nothing is changed for
         other sessions. The switch commits synchronously, which makes everything loaded before it durable.

@@ -1,14 +1,16 @@
 """A large table loaded by several COPY sessions from the one dump stream holds exactly what a plain pg_restore
-of the same dump loads: row counts and a checksum of every table, for custom, directory and tar dumps."""
+(psql for a plain dump) of the same dump loads: row counts and a checksum of every table, for every dump format."""
 
 from __future__ import annotations
 
+import gzip
 import subprocess
 from pathlib import Path
 
 import pytest
 from psycopg import sql
 
+from ansible_collections.pgops.dbrestore.plugins.module_utils.postgres import PgOpsError
 from ansible_collections.pgops.dbrestore.plugins.module_utils.restore import RestoreRequest, restore_database
 from tests.conftest import drop_database
 from tests.harness.dumps import make_dump
@@ -50,14 +52,24 @@ def source(pg: PgServer):
     drop_database(pg, "split_source")
 
 
-@pytest.mark.parametrize("fmt", ["custom", "directory", "tar"])
+def load_by_hand(pg: PgServer, db: str, dump: Path, fmt: str) -> None:
+    """pg_restore, or psql for a plain dump, as a person would run them."""
+    if fmt.startswith("plain"):
+        sql_text = gzip.decompress(dump.read_bytes()) if fmt == "plain.gz" else dump.read_bytes()
+        psql = [str(client_bindir() / "psql"), "-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", db]
+        subprocess.run(psql, input=sql_text, env=pg.client_env(), check=True, capture_output=True)
+    else:
+        subprocess.run([str(client_bindir() / "pg_restore"), "--exit-on-error", "-d", db, str(dump)],
+                       env=pg.client_env(), check=True)  # fmt: skip
+
+
+@pytest.mark.parametrize("fmt", ["custom", "directory", "tar", "plain", "plain.gz"])
 def test_split_load_equals_a_plain_pg_restore(pg: PgServer, source: str, dbname: str, tmp_path: Path, fmt: str):
     dump = make_dump(pg, source, fmt, tmp_path / f"split.{fmt}")
-    plain = f"split_plain_{fmt}"
+    plain = f"split_plain_{fmt.replace('.', '_')}"
     pg.sql(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(plain)))
     try:
-        subprocess.run([str(client_bindir() / "pg_restore"), "--exit-on-error", "-d", plain, str(dump)],
-                       env=pg.client_env(), check=True)  # fmt: skip
+        load_by_hand(pg, plain, dump, fmt)
         pg.sql(sql.SQL("DROP DATABASE {}").format(sql.Identifier(dbname)))
         pg.sql(sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(sql.Identifier(dbname), sql.Identifier(source)))
         request = RestoreRequest(db=dbname, src=str(dump), bindir=str(client_bindir()), jobs=2, parallel_table_mb=1)
@@ -77,3 +89,42 @@ def test_split_load_equals_a_plain_pg_restore(pg: PgServer, source: str, dbname:
         assert pg.sql(indexes, dbname=dbname) == pg.sql(indexes, dbname=plain)
     finally:
         drop_database(pg, plain)
+
+
+@pytest.mark.parametrize("fmt", ["custom", "plain"])
+def test_split_rows_keep_the_dumps_encoding(pg: PgServer, dbname: str, tmp_path: Path, fmt: str):
+    """A LATIN1 database's dump loaded split into a UTF8 one: the COPY sessions write in the dump's encoding."""
+    source = f"split_latin1_{fmt}"
+    pg.sql(sql.SQL("CREATE DATABASE {} TEMPLATE template0 ENCODING 'LATIN1' LC_COLLATE 'C' LC_CTYPE 'C'").format(
+        sql.Identifier(source)))  # fmt: skip
+    try:
+        pg.sql("CREATE TABLE public.names (id int, name text); "
+               "INSERT INTO public.names SELECT g, 'Müller ' || g || repeat('é', 40) FROM generate_series(1, 20000) g",
+               dbname=source)  # fmt: skip
+        dump = make_dump(pg, source, fmt, tmp_path / f"latin1.{fmt}")
+        load_by_hand(pg, dbname, dump, fmt)  # the live database: UTF8, the same tables
+        res = restore(pg, dbname, dump, jobs=2, parallel_table_mb=1, keep_previous=0, force=True)
+        assert "loaded public.names by 2 COPY sessions each" in " ".join(res.log), res.log
+        assert pg.sql("SELECT pg_encoding_to_char(encoding) FROM pg_database WHERE datname = %s", (dbname,)) == [
+            ("UTF8",)]  # fmt: skip
+        assert pg.sql("SELECT name FROM public.names WHERE id = 7", dbname=dbname) == [("Müller 7" + "é" * 40,)]
+        same = "SELECT count(*), sum(length(name)), min(name), max(name) FROM public.names"  # md5 of text: per encoding
+        assert pg.sql(same, dbname=dbname) == pg.sql(same, dbname=source)
+    finally:
+        drop_database(pg, source)
+
+
+def test_a_plain_dump_cut_in_a_split_tables_rows_fails_and_the_live_database_stays(
+    pg: PgServer, source: str, dbname: str, tmp_path: Path
+):
+    dump = make_dump(pg, source, "plain", tmp_path / "split.sql")
+    text = dump.read_bytes()
+    cut = text.index(b'COPY "odd schema"."Events"')
+    dump.write_bytes(text[: cut + len(text[cut:]) // 2])
+    load_by_hand(pg, dbname, make_dump(pg, source, "custom", tmp_path / "whole.pgc"), "custom")
+    before = tables(pg, dbname)
+    with pytest.raises(PgOpsError, match=r"odd schema\.Events ended without its end marker"):
+        restore(pg, dbname, dump, jobs=2, parallel_table_mb=1, force=True)
+    assert tables(pg, dbname) == before
+    assert pg.sql("SELECT datallowconn FROM pg_database WHERE datname = %s", (dbname,)) == [(True,)]
+    assert pg.sql("SELECT count(*) FROM pg_database WHERE datname LIKE %s", (dbname[:8] + "%",)) == [(1,)]

@@ -76,6 +76,7 @@ def test_tar_needs_toc_first(tmp_path: Path):
         (b"\x89PNG\r\n\x1a\n\0\0\0", "is not a PostgreSQL dump"),
         (b"hello world, no sql here", "is not a PostgreSQL dump"),
         (b"SELECT 1;\n\0\0binary", "is not a PostgreSQL dump"),
+        (b"\xff\xfe\xe9--\nSET x = 1;\n", "is not a PostgreSQL dump"),  # not text before its first SQL line
         # mtime=0: before Python 3.11 the header holds the current time, and pytest-xdist workers must
         # build identical parameters
         (gzip.compress(b"\0\1\2binary", mtime=0), "is gz-compressed but does not hold plain SQL"),
@@ -84,6 +85,11 @@ def test_tar_needs_toc_first(tmp_path: Path):
 def test_refuses_what_is_not_a_dump(tmp_path: Path, data: bytes, msg: str):
     with pytest.raises(PgOpsError, match=msg):
         sniff(write(tmp_path, "f", data))
+
+
+def test_a_plain_dump_in_a_database_encoding_other_than_utf8(tmp_path: Path):
+    latin1 = "--\n-- PostgreSQL database dump\n--\nSET client_encoding = 'LATIN1';\nCOPY public.t (n) FROM stdin;\n"
+    assert sniff(write(tmp_path, "f", (latin1 + "Müller\n" * 600).encode("latin-1"))) == "plain"
 
 
 def test_missing_and_empty_directory(tmp_path: Path):
