@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import json
 import re
+import shutil
 import subprocess
 import threading
 import time
@@ -56,14 +57,19 @@ def gated_dump(pg: PgServer, dumps, tmp_path: Path):
     drop_database(pg, "gate_source")
 
 
-def test_role_prints_progress_lines_while_the_restore_runs(pg: PgServer, hoge_db: str, gated_dump: Path,
-                                                           tmp_path: Path):  # fmt: skip
+@pytest.mark.parametrize("restored", ["one database", "a set"])
+def test_role_prints_progress_lines_while_the_restore_runs(pg: PgServer, hoge_db: str, gated_dump: Path, dumps,
+                                                           tmp_path: Path, restored: str):  # fmt: skip
+    """Held in the middle of hoge_db's load, alone or as the second database of a set (staged one after another)."""
     progress_dir = tmp_path / "progress"
     host = {**login_vars(pg), "restore_bindir": str(client_bindir()), "restore_progress_interval": 1,
             "restore_progress_dir": str(progress_dir), "restore_jobs": 2}  # fmt: skip
     inventory = write_inventory(tmp_path / "inventory.json", host)
-    argv = [str(BIN / "ansible-playbook"), "-i", str(inventory), "pgops.dbrestore.restore", "-e", "db=hoge_db",
-            "-e", f"dump={gated_dump}"]  # fmt: skip
+    what = ["-e", "db=hoge_db", "-e", f"dump={gated_dump}"]
+    if restored == "a set":
+        shutil.copy(dumps["chinook"]["custom"], gated_dump.parent / "shard_a.dump")
+        what = ["-e", "dbs=shard_a,hoge_db", "-e", f"restore_backup_dir={gated_dump.parent}"]
+    argv = [str(BIN / "ansible-playbook"), "-i", str(inventory), "pgops.dbrestore.restore", *what]
     proc = subprocess.Popen(argv, env=ansible_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     out: list[str] = []
     reader = threading.Thread(target=lambda: out.extend(iter(proc.stdout.readline, "")), daemon=True)  # type: ignore[union-attr]
@@ -95,6 +101,9 @@ def test_role_prints_progress_lines_while_the_restore_runs(pg: PgServer, hoge_db
     assert [int(m["tables"]) for m in lines] == sorted(int(m["tables"]) for m in lines)
     assert "[WARNING]" not in text and "hoge_db: restored from" in text, text
     assert fingerprint_db(pg, "hoge_db") == fingerprint_db(pg, "gate_source")
+    if restored == "a set":
+        assert fingerprint_db(pg, "shard_a") == fingerprint_db(pg, "chinook_source")
+        assert "shard_a: restored from" in text, text
     final = json.loads((progress_dir / "hoge_db.json").read_text())
     assert final["state"] == "done" and final["tables_done"] == 12 and final["indexes_done"] == 22
     assert final["result"]["changed"] is True and "password" not in json.dumps(final)
