@@ -39,6 +39,7 @@ from ansible_collections.pgops.dbrestore.plugins.module_utils.progress import (
     list_totals,
     read_bytes,
     server_views,
+    staged_counts,
     toc_totals,
 )
 from ansible_collections.pgops.dbrestore.plugins.module_utils.tools import (
@@ -127,7 +128,9 @@ def restore_into(
     flt = PlainFilter(unknown_settings=("transaction_timeout",) if old_server else (),
                       restrict_key=secrets.token_hex(16))  # fmt: skip
     fds = (dump.fd,)
-    views = _ViewSampler(params, info, dbname) if progress is not None and info.version_num >= 120000 else None
+    views = (
+        ViewSampler(params, info.version_num, dbname) if progress is not None and info.version_num >= 120000 else None
+    )
     if progress is not None:
         progress.sampler = views
     try:
@@ -274,17 +277,24 @@ def _position(stream: Any) -> Callable[[], int] | None:
     return None
 
 
-class _ViewSampler:
+class ViewSampler:
     """The server's progress views for one database, on a connection of its own (the progress thread's)."""
 
-    def __init__(self, params: ConnParams, info: ServerInfo, dbname: str) -> None:
-        self.params, self.info, self.dbname = params, info, dbname
+    def __init__(self, params: ConnParams, version_num: int, dbname: str) -> None:
+        self.params, self.version_num, self.dbname = params, version_num, dbname
         self.conn: Any = None
 
-    def __call__(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    def _conn(self) -> Any:
         if self.conn is None or self.conn.closed:
             self.conn = connect(self.params.with_db(self.dbname))  # names of its tables resolve there
-        return server_views(self.conn, self.info.version_num, self.dbname)
+        return self.conn
+
+    def __call__(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        return server_views(self._conn(), self.version_num, self.dbname)
+
+    def counts(self) -> tuple[int, int, int]:
+        """What is loaded so far (Progress.counter, when no tool reports it)."""
+        return staged_counts(self._conn(), self.version_num, self.dbname)
 
     def close(self) -> None:
         if self.conn is not None:

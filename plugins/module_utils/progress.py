@@ -113,6 +113,7 @@ class Progress:
         self.reader_pids: list[int] = []  # tool processes whose reads are the dump's bytes
         self.plain_read: Any = None  # or a function: bytes of the dump read so far (plain dumps)
         self.sampler: Any = None  # or a function: the server's progress views, as (copying, indexing)
+        self.counter: Any = None  # or a function: (tables, bytes, indexes) done, when no tool reports them
         self.parallel = False
         self._current = ""  # serial pg_restore: the item in work ("data" or "index")
         self._stop = threading.Event()
@@ -175,7 +176,7 @@ class Progress:
             for kind in ("tables", "indexes", "bytes"):
                 if self.data[f"{kind}_total"] is not None:
                     self.data[f"{kind}_done"] = self.data[f"{kind}_total"]
-            self.reader_pids, self.plain_read, self.sampler = [], None, None
+            self.reader_pids, self.plain_read, self.sampler, self.counter = [], None, None, None
             self.data.update(copying=[], indexing=[])
         self.write()
 
@@ -235,19 +236,22 @@ class Progress:
             self.write()
 
     def _sample(self) -> None:
-        reader_pids, plain_read, sampler = self.reader_pids, self.plain_read, self.sampler
+        reader_pids, plain_read, sampler, counter = self.reader_pids, self.plain_read, self.sampler, self.counter
         done = read_bytes(reader_pids) if reader_pids else plain_read() if plain_read else None
         views: tuple[list[dict[str, Any]], list[dict[str, Any]]] | None = None
-        if sampler is not None:
-            try:
-                views = sampler()
-            except Exception:  # noqa: BLE001 - progress never fails a restore; the next sample tries again
-                views = None
+        counts: tuple[int, int, int] | None = None
+        try:
+            views = sampler() if sampler is not None else None
+            counts = counter() if counter is not None else None
+        except Exception:  # noqa: BLE001 - progress never fails a restore; the next sample tries again
+            pass
         with self.lock:
             if done is not None:  # never backwards: a tool that exited takes its count with it
                 self.data["bytes_done"] = max(self.data["bytes_done"], done)
             if views is not None:
                 self.data["copying"], self.data["indexing"] = views
+            for key, value in zip(("tables_done", "bytes_done", "indexes_done"), counts or ()):
+                self.data[key] = max(self.data[key], value)
 
     def close(self) -> None:
         self._stop.set()
@@ -290,6 +294,36 @@ def server_views(conn: Any, version_num: int, dbname: str) -> tuple[list[dict[st
         indexing = [{"index": r[0], "table": r[1], "phase": r[2], "blocks_done": int(r[3] or 0),
                      "blocks_total": int(r[4] or 0)} for r in rows]  # fmt: skip
     return copying, indexing
+
+
+# a database's tables (as a source refresh copies them: no temporary ones), their bytes, and their indexes
+USER_TABLES = (
+    "FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace WHERE c.relkind = 'r' "
+    "AND c.relpersistence <> 't' AND n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname !~ '^pg_toast'"
+)
+_COUNTS = (
+    "SELECT count(*) FILTER (WHERE {done}), COALESCE(sum(pg_catalog.pg_table_size(c.oid)), 0), "
+    "(SELECT count(*) FROM pg_catalog.pg_index i WHERE i.indrelid IN (SELECT c.oid " + USER_TABLES + ")) " + USER_TABLES
+)
+
+
+def source_totals(conn: Any) -> tuple[int, int, int]:
+    """(tables, bytes, indexes) of the database conn is into: the totals of a source refresh."""
+    row = conn.execute(_COUNTS.format(done="true")).fetchone()
+    return int(row[0]), int(row[1]), int(row[2])
+
+
+def staged_counts(conn: Any, version_num: int, dbname: str) -> tuple[int, int, int]:
+    """(tables, bytes, indexes) loaded so far into the database conn is into, as another session sees it.
+
+    A table counts once it holds data and no COPY into it runs (pg_stat_progress_copy, 14+); its
+    bytes as they grow; an index once its build committed.
+    """
+    done = "pg_catalog.pg_table_size(c.oid) > 0"
+    if version_num >= 140000:
+        done += " AND c.oid NOT IN (SELECT p.relid FROM pg_catalog.pg_stat_progress_copy p WHERE p.datname = %s)"
+    row = conn.execute(_COUNTS.format(done=done), (dbname,) if version_num >= 140000 else ()).fetchone()
+    return int(row[0]), int(row[1]), int(row[2])
 
 
 def list_totals(argv: list[str], env: dict[str, str], pass_fds: tuple[int, ...]) -> tuple[int | None, int | None]:

@@ -270,7 +270,7 @@ class Staging:
         opts = LoadOptions(bindir=t.bindir, jobs=req.load_jobs, tool_args=req.tool_args, split=self.split,
                            split_bytes=req.parallel_table_mb << 20)  # fmt: skip
         if isinstance(self.dump, ServerSource):
-            op.res.stripped_statements = self.dump.load_into(op.params, op.conn, t.staging, opts)
+            op.res.stripped_statements = self.dump.load_into(op.params, op.conn, t.staging, opts, op.progress)
             how = (f"{self.dump.streams} pg_dump | pg_restore streams on one snapshot, indexes by {req.load_jobs} jobs"
                    if self.dump.streams > 1 else "pg_dump | psql")  # fmt: skip
             op.res.log.append(f'streamed {self.dump.path} into "{t.staging}" ({how}, no file)')

@@ -24,7 +24,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from ansible_collections.pgops.dbrestore.plugins.module_utils.dumpfile import PlainFilter
-from ansible_collections.pgops.dbrestore.plugins.module_utils.load import LoadOptions, conninfo_for, psql_argv
+from ansible_collections.pgops.dbrestore.plugins.module_utils.load import (
+    LoadOptions,
+    ViewSampler,
+    conninfo_for,
+    psql_argv,
+)
 from ansible_collections.pgops.dbrestore.plugins.module_utils.operation import pause_point
 from ansible_collections.pgops.dbrestore.plugins.module_utils.parallel import bulk_settings, pgoptions
 from ansible_collections.pgops.dbrestore.plugins.module_utils.postgres import (
@@ -36,6 +41,7 @@ from ansible_collections.pgops.dbrestore.plugins.module_utils.postgres import (
     server_info,
     sql,
 )
+from ansible_collections.pgops.dbrestore.plugins.module_utils.progress import USER_TABLES, Progress, source_totals
 from ansible_collections.pgops.dbrestore.plugins.module_utils.tools import (
     PipeSpec,
     ToolOutput,
@@ -52,9 +58,8 @@ _NEWER_SETTINGS = ("transaction_timeout", "default_table_access_method", "idle_i
 _TABLES = (
     "SELECT n.nspname, c.relname, COALESCE(pg_catalog.pg_table_size(c.oid), 0), c.oid, "
     "COALESCE(pg_catalog.pg_relation_size(c.oid), 0) / pg_catalog.current_setting('block_size')::int "
-    "FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace "
-    "WHERE c.relkind = 'r' AND c.relpersistence <> 't' AND n.nspname NOT IN ('pg_catalog', 'information_schema') "
-    "AND n.nspname !~ '^pg_toast' ORDER BY 3 DESC, 1, 2 LIMIT %s"
+    + USER_TABLES
+    + " ORDER BY 3 DESC, 1, 2 LIMIT %s"
 )
 # the columns COPY can fill, in order (generated ones are computed by the target)
 _COLUMNS = (
@@ -112,20 +117,34 @@ class ServerSource:
                     f"{theirs}+ client tools and set bindir to their directory"]  # fmt: skip
         return []
 
-    def load_into(self, target: ConnParams, target_conn: Any, dbname: str, opts: LoadOptions) -> list[str]:
-        """pg_dump of the source loaded into dbname, in parallel where it can be; returns the statements left out."""
-        if opts.jobs > 1 and not opts.tool_args and self.info is not None and self.info.version_num >= 100000:
-            pg_restore = find_tool("pg_restore", opts.bindir)
-            # pg_restore 17+ sends SET transaction_timeout, which servers before 17 reject (load.restore_into)
-            if target_conn.info.server_version >= 170000 or tool_version(pg_restore)[0] < 17:
-                try:
-                    self._load_parallel(target, dbname, opts, pg_restore)
-                except PgOpsError as exc:
-                    raise PgOpsError(f"streaming {self.path} failed: {exc}", sqlstate=exc.sqlstate) from exc
-                return []
-        return self._load_plain(target, target_conn, dbname, opts)
+    def load_into(self, target: ConnParams, target_conn: Any, dbname: str, opts: LoadOptions,
+                  progress: Progress | None = None) -> list[str]:  # fmt: skip
+        """pg_dump of the source loaded into dbname, in parallel where it can be; returns the statements left out.
 
-    def _load_parallel(self, target: ConnParams, dbname: str, opts: LoadOptions, pg_restore: str) -> None:
+        With progress: the source's tables, bytes and indexes are the totals. A parallel load is counted
+        from the staging copy (what is loaded, as another session sees it), a plain stream as it goes to psql.
+        """
+        version = target_conn.info.server_version
+        sampler = ViewSampler(target, version, dbname) if progress is not None and version >= 120000 else None
+        if progress is not None:
+            progress.sampler = sampler
+        try:
+            if opts.jobs > 1 and not opts.tool_args and self.info is not None and self.info.version_num >= 100000:
+                pg_restore = find_tool("pg_restore", opts.bindir)
+                # pg_restore 17+ sends SET transaction_timeout, which servers before 17 reject (load.restore_into)
+                if version >= 170000 or tool_version(pg_restore)[0] < 17:
+                    try:
+                        self._load_parallel(target, dbname, opts, pg_restore, progress, sampler)
+                    except PgOpsError as exc:
+                        raise PgOpsError(f"streaming {self.path} failed: {exc}", sqlstate=exc.sqlstate) from exc
+                    return []
+            return self._load_plain(target, target_conn, dbname, opts, progress)
+        finally:
+            if sampler is not None:
+                sampler.close()
+
+    def _load_parallel(self, target: ConnParams, dbname: str, opts: LoadOptions, pg_restore: str,
+                       progress: Progress | None, sampler: ViewSampler | None) -> None:  # fmt: skip
         """Schema archive, pre-data, `jobs` data streams on one exported snapshot, post-data with --jobs."""
         src_env = {**self.params.tool_env(), "PGOPTIONS": "-c default_transaction_read_only=on"}
         dst_env = {**target.tool_env(), "PGOPTIONS": pgoptions(bulk_settings(opts.jobs))}
@@ -136,6 +155,10 @@ class ServerSource:
                 conn.isolation_level, conn.read_only = psycopg.IsolationLevel.REPEATABLE_READ, True
                 snapshot = conn.execute("SELECT pg_catalog.pg_export_snapshot()").fetchone()[0]
                 rows = conn.execute(_TABLES, (_NAMED_TABLES,)).fetchall()
+                if progress is not None:
+                    tables, size, indexes = source_totals(conn)
+                    progress.totals(tables, indexes, size)
+                    progress.counter = sampler.counts if sampler is not None else None
                 dump = [find_tool("pg_dump", opts.bindir), "--no-password", "--format=custom", "--compress=0",
                         f"--snapshot={snapshot}", "-d", conninfo_for(self.params.login_db)]  # fmt: skip
                 run_tool([*dump, "--section=pre-data", "--section=post-data", "-f", schema], src_env)
@@ -154,8 +177,11 @@ class ServerSource:
                 run_pipes(pipes, between=lambda: pause_point("streaming"))
                 opts.split_loaded.extend(f"{r[0]}.{r[1]}" for r in large)
             run_tool([*restore, "--section=post-data", f"--jobs={opts.jobs}", schema], dst_env)
+        if progress is not None:
+            progress.loaded()
 
-    def _load_plain(self, target: ConnParams, target_conn: Any, dbname: str, opts: LoadOptions) -> list[str]:
+    def _load_plain(self, target: ConnParams, target_conn: Any, dbname: str, opts: LoadOptions,
+                    progress: Progress | None) -> list[str]:  # fmt: skip
         """pg_dump's plain SQL piped through our filter into psql on dbname; returns the statements left out."""
         known = {r[0] for r in target_conn.execute("SELECT name FROM pg_catalog.pg_settings").fetchall()}
         flt = PlainFilter(unknown_settings=tuple(s for s in _NEWER_SETTINGS if s not in known),
@@ -165,11 +191,18 @@ class ServerSource:
         argv = [find_tool("pg_dump", opts.bindir), "--format=plain", "--no-password", *opts.tool_args,
                 "-d", conninfo_for(self.params.login_db)]  # fmt: skip
         psql = psql_argv(opts.bindir, dbname, ())
+        if progress is not None:  # counted as it goes to psql (its one transaction hides the tables meanwhile)
+            with connect(self.params) as conn:
+                tables, _size, indexes = source_totals(conn)
+            progress.totals(tables, indexes, None)
+            flt.watch = progress.plain_chunk
         with ToolOutput(argv, env) as out:
             try:
                 run_tool(psql, target.tool_env(), feed=_pausing(flt.lines(out)))
             except PgOpsError as exc:
                 raise PgOpsError(f"streaming {self.path} failed: {exc}", sqlstate=exc.sqlstate) from exc
+        if progress is not None:
+            progress.loaded()
         return flt.dropped
 
 

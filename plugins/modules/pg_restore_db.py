@@ -183,6 +183,8 @@ options:
         and what C(pg_restore --verbose) reports finished), the running COPYs (C(pg_stat_progress_copy), 14+) and
         index builds (C(pg_stat_progress_create_index), 12+) of the staging copy, the elapsed time, and at the end
         the outcome. No secrets; mode 0644. A file that cannot be written gives a warning, never a failure.
+      - With O(source), the totals are the source's tables, their bytes and their indexes; parallel streams are
+        counted by what the staging copy holds so far, the single C(psql) stream as its SQL is sent.
       - Unset, no progress is recorded (and C(pg_restore) runs without C(--verbose)).
     type: path
   keep_tables:

@@ -12,6 +12,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -229,3 +230,63 @@ def test_the_playbook_refreshes_from_restore_source_without_printing_its_passwor
     assert f"{STAGING}: restored from postgres@127.0.0.1:{source.port}/{PROD} (server format)" in out, out
     assert SUPERUSER_PASSWORD not in out and re.search(r"\n\s+password: VALUE_SPECIFIED_IN_NO_LOG_PARAMETER\n", out)
     assert pg.sql("SELECT count(*) FROM users WHERE email LIKE '%@example.invalid'", dbname=STAGING) == [(500,)]
+
+
+GATE_ROLE = "pgops_test_gate_open"
+# the table gate's one row waits, as COPY loads it into the staging copy, until GATE_ROLE exists on that server
+# (the source server has the role, so making the source is quick)
+GATED = f"""
+CREATE TABLE users (id int PRIMARY KEY, email text);
+INSERT INTO users SELECT g, 'u' || g FROM generate_series(1, 5000) g;
+CREATE FUNCTION gate(x integer) RETURNS boolean LANGUAGE plpgsql AS $$
+BEGIN
+  WHILE NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = '{GATE_ROLE}') LOOP
+    PERFORM pg_catalog.pg_sleep(0.05);
+  END LOOP;
+  RETURN true;
+END $$;
+CREATE TABLE gate (x integer CHECK (public.gate(x)));
+INSERT INTO gate VALUES (1);
+"""
+
+
+@STREAMS
+def test_refresh_progress_counts_the_sources_tables_bytes_and_indexes(pg: PgServer, source: PgServer, staging,
+                                                                      tmp_path: Path, jobs: int):  # fmt: skip
+    """The totals are the source's; a parallel refresh is counted from the staging copy as it loads (held here
+    in table gate, users loaded), a plain stream as it goes to psql (ahead of it); at the end every count is whole."""
+    source.sql(sql.SQL("CREATE ROLE {}").format(sql.Identifier(GATE_ROLE)))
+    source.sql("CREATE DATABASE gated")
+    try:
+        source.sql(GATED, dbname="gated")
+        size = source.sql("SELECT sum(pg_table_size(c)) FROM unnest(array['users', 'gate']::regclass[]) c",
+                          dbname="gated")[0][0]  # fmt: skip
+        path = tmp_path / f"{STAGING}.json"
+        req = RestoreRequest(db=STAGING, source=source_options(source, db="gated"), bindir=str(client_bindir()),
+                             jobs=jobs, progress_dir=str(tmp_path))  # fmt: skip
+        done: list = []
+        run = threading.Thread(target=lambda: done.append(restore_database(pg.params(), req)), daemon=True)
+        run.start()
+        try:
+            deadline = time.monotonic() + 60
+            while True:
+                held = json.loads(path.read_text()) if path.exists() else {}
+                if held.get("copying") and (jobs == 1 or held["tables_done"] == 1):
+                    break
+                assert run.is_alive() and time.monotonic() < deadline, held
+                time.sleep(0.1)
+            assert (held["tables_total"], held["indexes_total"]) == (2, 1), held
+            if jobs > 1:  # the staging copy's tables as they fill (psql's one transaction hides them from us)
+                assert [c["table"] for c in held["copying"]] == ["public.gate"] and held["indexes_done"] == 0, held
+                assert held["bytes_total"] == size and held["bytes_done"] > 0, held
+        finally:
+            pg.sql(sql.SQL("CREATE ROLE {}").format(sql.Identifier(GATE_ROLE)))
+            run.join(timeout=60)
+        assert done and done[0].changed
+        final = json.loads(path.read_text())
+        assert final["state"] == "done" and final["percent"] == 100
+        assert (final["tables_done"], final["indexes_done"]) == (2, 1), final
+    finally:
+        pg.sql(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(GATE_ROLE)))
+        source.sql("DROP DATABASE gated")
+        source.sql(sql.SQL("DROP ROLE {}").format(sql.Identifier(GATE_ROLE)))
