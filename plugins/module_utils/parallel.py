@@ -189,7 +189,7 @@ class SplitCopy:
             if setting and setting.group(1) == b"client_encoding":
                 encoding = setting.group(2).decode()
             if raw.startswith(b"COPY "):
-                statement = copy_statement(raw.decode(), schema, table)
+                statement = copy_statement(dump_text(raw, encoding), schema, table)
                 break
         else:
             return 0  # no data for this table in the dump
@@ -255,6 +255,14 @@ def _until_end_marker(rows_in: RowBlocks, what: str) -> Iterator[bytes]:
     raise PgOpsError(f"the dump's data of table {what} ended without its end marker")
 
 
+def dump_text(raw: bytes, encoding: str | None) -> str:
+    """A line of the dump as text, for the names in it: pg_dump writes the database's encoding (LATIN1, WIN1252…)."""
+    try:
+        return raw.decode((encoding or "UTF8").lower().replace("win", "cp"))
+    except (LookupError, UnicodeDecodeError):  # an encoding Python names otherwise: names stay ASCII-safe
+        return raw.decode("utf-8", errors="replace")
+
+
 def copy_relation(line: str) -> tuple[str, str] | None:
     """(schema, table) of a pg_dump COPY … FROM stdin line; None for any other line."""
     m = _COPY.match(line.rstrip("\r\n"))
@@ -277,6 +285,7 @@ class PlainSplit:
                  copier: Callable[[], SplitCopy]) -> None:  # fmt: skip
         self.split, self.restrict_line, self.copier = split, restrict_line, copier
         self.settings: dict[bytes, bytes] = {}  # name: the dump's last line setting it
+        self.encoding: str | None = None  # the dump's client_encoding
         self.lines_read = 0  # of the dump, so far
         self.offset = 0  # the current psql session's line N is the dump's line N + offset
         self.loaded: list[str] = []
@@ -291,9 +300,7 @@ class PlainSplit:
                 return self.loaded
             (schema, table), copy_line = stop[0]
             what = f"{schema}.{table}"
-            encoding = self.settings.get(b"client_encoding")
-            value = _SETTING.match(encoding).group(2).decode() if encoding else None  # type: ignore[union-attr]
-            self.copier().spread(copy_statement(copy_line, schema, table), self._rows(lines, what), what, value)
+            self.copier().spread(copy_statement(copy_line, schema, table), self._rows(lines, what), what, self.encoding)
             self.loaded.append(what)
             first = False
 
@@ -309,7 +316,7 @@ class PlainSplit:
             if in_copy:
                 in_copy = line.rstrip(b"\r\n") != b"\\."
             elif line[:1] in b"SCc \t":  # a setting or a COPY: nothing else is looked at
-                text = line.decode("utf-8", errors="replace")
+                text = dump_text(line, self.encoding)
                 in_copy = bool(COPY_FROM_STDIN.match(text))
                 if in_copy and copy_relation(text) in self.split:
                     stop.append((copy_relation(text), text))
@@ -317,6 +324,8 @@ class PlainSplit:
                 setting = _SETTING.match(line)
                 if setting:
                     self.settings[setting.group(1) or setting.group(3)] = line
+                    if setting.group(1) == b"client_encoding":
+                        self.encoding = setting.group(2).decode()
             yield line
 
     def _rows(self, lines: Iterator[bytes], what: str) -> Iterator[bytes]:
