@@ -232,7 +232,8 @@ class Staging:
         if self.split:
             names = ", ".join(sorted(".".join(n) for n in self.split))
             split = f" ({names}: {req.load_jobs} COPY sessions each when in the dump)"
-        elif fmt == "server" and req.parallel_table_mb and req.load_jobs > 1 and not req.tool_args:
+        elif isinstance(self.dump, ServerSource) and req.parallel_table_mb and self.dump.splits_tables() \
+                and self.dump.in_parallel(req.load_jobs, req.tool_args, t.bindir, t.op.info.version_num):  # fmt: skip
             split = f" (tables of at least {req.parallel_table_mb} MB: {req.load_jobs} COPY sessions each)"
         what = (f"stream {self.dump.path} into it" if fmt == "server" else f"restore the {fmt} dump into it") + split
         steps = [Step("stage", f'create "{t.staging}" and {what}', self._load)]

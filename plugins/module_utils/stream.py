@@ -129,19 +129,28 @@ class ServerSource:
         if progress is not None:
             progress.sampler = sampler
         try:
-            if opts.jobs > 1 and not opts.tool_args and self.info is not None and self.info.version_num >= 100000:
-                pg_restore = find_tool("pg_restore", opts.bindir)
-                # pg_restore 17+ sends SET transaction_timeout, which servers before 17 reject (load.restore_into)
-                if version >= 170000 or tool_version(pg_restore)[0] < 17:
-                    try:
-                        self._load_parallel(target, dbname, opts, pg_restore, progress, sampler)
-                    except PgOpsError as exc:
-                        raise PgOpsError(f"streaming {self.path} failed: {exc}", sqlstate=exc.sqlstate) from exc
-                    return []
+            if self.in_parallel(opts.jobs, opts.tool_args, opts.bindir, version):
+                try:
+                    self._load_parallel(target, dbname, opts, find_tool("pg_restore", opts.bindir), progress, sampler)
+                except PgOpsError as exc:
+                    raise PgOpsError(f"streaming {self.path} failed: {exc}", sqlstate=exc.sqlstate) from exc
+                return []
             return self._load_plain(target, target_conn, dbname, opts, progress)
         finally:
             if sampler is not None:
                 sampler.close()
+
+    def in_parallel(self, jobs: int, tool_args: tuple[str, ...], bindir: str | None, target_version: int) -> bool:
+        """Parallel pg_dump | pg_restore streams, else one pg_dump | psql: more than one job, no tool_args, a
+        source of 10+, and a pg_restore the target understands (17+ sends SET transaction_timeout, which servers
+        before 17 reject, see load.restore_into)."""
+        if jobs < 2 or tool_args or self.info is None or self.info.version_num < 100000:
+            return False
+        return target_version >= 170000 or tool_version(find_tool("pg_restore", bindir))[0] < 17
+
+    def splits_tables(self) -> bool:
+        """Parallel streams read a large table by page ranges: TID range scans are there from 14 on."""
+        return self.info is not None and self.info.version_num >= 140000
 
     def _load_parallel(self, target: ConnParams, dbname: str, opts: LoadOptions, pg_restore: str,
                        progress: Progress | None, sampler: ViewSampler | None) -> None:  # fmt: skip

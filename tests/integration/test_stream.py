@@ -121,6 +121,7 @@ def test_refresh_holds_the_source_scrubbed_and_the_source_was_only_read(pg: PgSe
     planned = refresh(pg, source, check_mode=True, sanitize=[SCRUB], owner=APP, jobs=jobs)
     assert planned.plan[0].startswith(f'create "{staging_name(STAGING)}" and stream postgres@127.0.0.1:')
     assert [p.split(" ")[0] for p in planned.plan] == ["create", "sanitize", "verify", "close"]
+    assert ("(tables of at least 256 MB: 2 COPY sessions each)" in planned.plan[0]) == (jobs > 1), planned.plan
     res = refresh(pg, source, sanitize=[SCRUB], owner=APP, verify_query="SELECT count(*) = 100000 FROM events",
                   jobs=jobs, parallel_table_mb=1)  # fmt: skip
     assert res.changed and res.format == "server" and res.steps_done == res.plan and res.previous_db
