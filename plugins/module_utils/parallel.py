@@ -39,8 +39,28 @@ BLOCK = 1 << 20  # bytes a COPY session gets at a time (whole rows)
 _TABLE_DATA = re.compile(r"^\d+; \d+ \d+ TABLE DATA (.*)$")
 _COPY = re.compile(r"^COPY (?P<rel>.+?) \((?P<cols>.*)\) FROM stdin;$")
 _REL = re.compile(r'^(?:"((?:[^"]|"")*)"|([^\s."]+))\.(?:"((?:[^"]|"")*)"|([^\s."]+))$')
-# a setting line of pg_dump's SQL: "SET client_encoding = 'UTF8';", "SELECT pg_catalog.set_config('search_path', …"
-_SETTING = re.compile(rb"^(?:SET (\w+) = '?(.*?)'?|SELECT pg_catalog\.set_config\('(\w+)', .*\));\r?\n$")
+# a setting line of pg_dump's SQL: "SET client_encoding = 'UTF8';", "SELECT pg_catalog.set_config('search_path', '',
+# false);" (name, then the value: quoted, or a bare word or number)
+_SETTING = re.compile(
+    rb"^(?:SET (\w+) = |SELECT pg_catalog\.set_config\('(\w+)', )('(?:[^']|'')*'|[\w.-]+)(?:, false\))?;\r?\n$"
+)
+# the dump's settings the COPY sessions take, as pg_restore's and psql's sessions have them: how the rows
+# are read (encoding, XML), how long they may take, and what the table's triggers and checks resolve names in
+COPY_SETTINGS = ("client_encoding", "xmloption", "statement_timeout", "lock_timeout",
+                 "idle_in_transaction_session_timeout", "row_security", "search_path")  # fmt: skip
+
+
+def dump_setting(line: bytes) -> tuple[str, str] | None:
+    """(name, value) of a line of the dump that sets a setting, as pg_dump writes them; None for any other."""
+    m = _SETTING.match(line)
+    if m is None:
+        return None
+    value = m.group(3).decode(errors="replace")
+    if value.startswith("'"):
+        value = value[1:-1].replace("''", "'")
+    return (m.group(1) or m.group(2)).decode(), value
+
+
 _IDENT = re.compile(r'"((?:[^"]|"")*)"|([^\s,"]+)')
 
 
@@ -183,24 +203,24 @@ class SplitCopy:
 
     def _from_archive(self, stream: Any, what: str, schema: str, table: str) -> int:
         rows_in = RowBlocks(stream)
-        encoding = None
+        settings: dict[str, str] = {}
         for raw in iter(rows_in.line, b""):  # SET lines and comments, then the table's COPY line
-            setting = _SETTING.match(raw)
-            if setting and setting.group(1) == b"client_encoding":
-                encoding = setting.group(2).decode()
+            setting = dump_setting(raw)
+            if setting:
+                settings[setting[0]] = setting[1]
             if raw.startswith(b"COPY "):
-                statement = copy_statement(dump_text(raw, encoding), schema, table)
+                statement = copy_statement(dump_text(raw, settings.get("client_encoding")), schema, table)
                 break
         else:
             return 0  # no data for this table in the dump
-        loaded = self.spread(statement, _until_end_marker(rows_in, what), what, encoding)
+        loaded = self.spread(statement, _until_end_marker(rows_in, what), what, settings)
         rows_in.drain()  # the dump's closing comments: pg_restore must not die writing them
         return loaded
 
-    def spread(self, statement: Any, blocks: Iterable[bytes], what: str, encoding: str | None) -> int:
-        """Feed the blocks round-robin to the sessions, which write in the dump's encoding; the bytes loaded."""
+    def spread(self, statement: Any, blocks: Iterable[bytes], what: str, dump_settings: dict[str, str]) -> int:
+        """Feed the blocks round-robin to the sessions, which take the dump's COPY_SETTINGS; the bytes loaded."""
         queues: list[queue.Queue] = [queue.Queue(maxsize=4) for _part in range(self.parts)]
-        settings = {**self.settings, **({"client_encoding": encoding} if encoding else {})}
+        settings = {**self.settings, **{k: v for k, v in dump_settings.items() if k in COPY_SETTINGS}}
         workers = [threading.Thread(target=self._session, args=(statement, settings, q), daemon=True) for q in queues]
         for w in workers:
             w.start()
@@ -284,8 +304,8 @@ class PlainSplit:
     def __init__(self, split: Collection[tuple[str, str]], restrict_line: bytes,
                  copier: Callable[[], SplitCopy]) -> None:  # fmt: skip
         self.split, self.restrict_line, self.copier = split, restrict_line, copier
-        self.settings: dict[bytes, bytes] = {}  # name: the dump's last line setting it
-        self.encoding: str | None = None  # the dump's client_encoding
+        self.lines: dict[str, bytes] = {}  # setting: the dump's last line setting it
+        self.settings: dict[str, str] = {}  # setting: its value there
         self.lines_read = 0  # of the dump, so far
         self.offset = 0  # the current psql session's line N is the dump's line N + offset
         self.loaded: list[str] = []
@@ -300,14 +320,14 @@ class PlainSplit:
                 return self.loaded
             (schema, table), copy_line = stop[0]
             what = f"{schema}.{table}"
-            self.copier().spread(copy_statement(copy_line, schema, table), self._rows(lines, what), what, self.encoding)
+            self.copier().spread(copy_statement(copy_line, schema, table), self._rows(lines, what), what, self.settings)
             self.loaded.append(what)
             first = False
 
     def _session_lines(self, lines: Iterator[bytes], first: bool, stop: list) -> Iterator[bytes]:
         """One psql session's lines: up to the COPY line of a large table (put in stop), or to the dump's end."""
         if not first:
-            head = [self.restrict_line, *self.settings.values()]
+            head = [self.restrict_line, *self.lines.values()]
             self.offset = self.lines_read - len(head)
             yield from head
         in_copy = False
@@ -316,16 +336,14 @@ class PlainSplit:
             if in_copy:
                 in_copy = line.rstrip(b"\r\n") != b"\\."
             elif line[:1] in b"SCc \t":  # a setting or a COPY: nothing else is looked at
-                text = dump_text(line, self.encoding)
+                text = dump_text(line, self.settings.get("client_encoding"))
                 in_copy = bool(COPY_FROM_STDIN.match(text))
                 if in_copy and copy_relation(text) in self.split:
                     stop.append((copy_relation(text), text))
                     return
-                setting = _SETTING.match(line)
+                setting = dump_setting(line)
                 if setting:
-                    self.settings[setting.group(1) or setting.group(3)] = line
-                    if setting.group(1) == b"client_encoding":
-                        self.encoding = setting.group(2).decode()
+                    self.lines[setting[0]], self.settings[setting[0]] = line, setting[1]
             yield line
 
     def _rows(self, lines: Iterator[bytes], what: str) -> Iterator[bytes]:

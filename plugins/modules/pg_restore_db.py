@@ -247,7 +247,9 @@ options:
       - A plain dump runs in C(psql) sessions one after another around its large tables, not in one transaction.
         A large table's COPY line ends a session (it commits, so the COPY sessions see the table); the next gets
         the dump's settings so far, then the rest. The staging copy is dropped on any failure, as always.
-      - The COPY sessions write in the dump's C(client_encoding), as C(pg_restore) and C(psql) do.
+      - The COPY sessions take the dump's settings that concern them (C(client_encoding), C(xmloption), the
+        statement and lock timeouts, C(row_security), C(search_path)), as the sessions of C(pg_restore) and
+        C(psql) do.
       - Every restore session (and the tools') runs with C(synchronous_commit=off) and a C(maintenance_work_mem)
         sized to the host (an eighth of its memory shared by the jobs, 64 MB to 2 GB); nothing is changed for
         other sessions. The switch commits synchronously, which makes everything loaded before it durable.

@@ -8,7 +8,12 @@ import io
 import pytest
 
 from ansible_collections.pgops.dbrestore.plugins.module_utils import parallel
-from ansible_collections.pgops.dbrestore.plugins.module_utils.parallel import PlainSplit, RowBlocks, copy_relation
+from ansible_collections.pgops.dbrestore.plugins.module_utils.parallel import (
+    PlainSplit,
+    RowBlocks,
+    copy_relation,
+    dump_setting,
+)
 from ansible_collections.pgops.dbrestore.plugins.module_utils.postgres import PgOpsError
 
 
@@ -62,12 +67,22 @@ def test_copy_lines_name_their_table_quoted_or_not():
     assert copy_relation("SELECT 1;\n") is None
 
 
+def test_setting_lines_as_pg_dump_writes_them():
+    assert dump_setting(b"SET client_encoding = 'LATIN1';\n") == ("client_encoding", "LATIN1")
+    assert dump_setting(b"SET statement_timeout = 0;\n") == ("statement_timeout", "0")
+    assert dump_setting(b"SET default_tablespace = '';\r\n") == ("default_tablespace", "")
+    quoted = b"SELECT pg_catalog.set_config('search_path', 'a, ''b''', false);\n"
+    assert dump_setting(quoted) == ("search_path", "a, 'b'")
+    for other in (b"SET SESSION AUTHORIZATION 'app';\n", b"SET x = 1; DROP TABLE t;\n", b"SELECT 1;\n"):
+        assert dump_setting(other) is None
+
+
 class Copier:
     def __init__(self, loads: list) -> None:
         self.loads = loads
 
-    def spread(self, statement, blocks, what, encoding) -> int:
-        self.loads.append((what, encoding, b"".join(blocks)))
+    def spread(self, statement, blocks, what, settings) -> int:
+        self.loads.append((what, dict(settings), b"".join(blocks)))
         return 0
 
 
@@ -95,7 +110,8 @@ def test_a_plain_dump_is_psql_sessions_around_the_large_tables_rows():
     split = PlainSplit({("public", "big")}, b"\\restrict KEY\n", lambda: Copier(loads))
     assert split.load(iter(DUMP), lambda lines: sessions.append(list(lines))) == ["public.big"]
     assert sessions[0] == DUMP[:9]  # the small table's rows go to psql, its data line is not a setting
-    assert loads == [("public.big", "LATIN1", b"1\tone\n2\ttwo\n")]
+    settings = {"client_encoding": "LATIN1", "search_path": "", "default_tablespace": "fast"}
+    assert loads == [("public.big", settings, b"1\tone\n2\ttwo\n")]
     # the next session: our key, the dump's settings so far (last value), then the rest
     assert sessions[1] == [DUMP[0], DUMP[1], DUMP[2], DUMP[8], DUMP[13]]
     assert split.offset == 13 - 4  # psql's line 5 is the dump's line 14
