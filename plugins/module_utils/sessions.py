@@ -233,10 +233,11 @@ def list_sessions(conn: Any, info: ServerInfo, db: str) -> list[Session]:
             "WHEN '<IDLE> in transaction' THEN 'idle in transaction' ELSE 'active' END"
         )
     app = "a.application_name" if info.version_num >= 90000 else "''"
-    # autovacuum is ended by DROP DATABASE itself; parallel workers follow their leader.
-    # Roles without pg_read_all_stats see NULL in most columns of other roles' rows.
+    # autovacuum is ended by DROP DATABASE itself; parallel workers follow their leader. Roles without
+    # pg_read_all_stats see NULL in most columns of other roles' rows, backend_type too: there an autovacuum
+    # worker is known by having no role (a backend still logging in has no database yet either).
     kind = (
-        " AND coalesce(a.backend_type, '') NOT IN ('autovacuum worker', 'parallel worker')"
+        " AND coalesce(a.backend_type, '') NOT IN ('autovacuum worker', 'parallel worker') AND a.usesysid IS NOT NULL"
         if info.version_num >= 100000
         else ""
     )
