@@ -120,4 +120,4 @@ def test_a_plain_dump_is_psql_sessions_around_the_large_tables_rows():
 def test_a_plain_dump_cut_in_a_large_tables_rows_is_an_error():
     split = PlainSplit({("public", "big")}, b"\\restrict KEY\n", lambda: Copier([]))
     with pytest.raises(PgOpsError, match=r"public\.big ended without its end marker"):
-        split.load(iter(DUMP[:11]), lambda lines: list(lines))
+        split.load(iter(DUMP[:11]), list)
