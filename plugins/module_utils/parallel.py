@@ -7,9 +7,11 @@ logs, audit) loads that table on one core. Here an archive is restored in its th
 pre-data (pg_restore), then the data -- the large tables' COPY text, read from pg_restore
 --data-only -f -, cut into blocks on row boundaries (a COPY text row never holds a raw newline)
 and fed round-robin to several COPY sessions, while pg_restore --jobs loads every other table
--- then post-data (indexes, constraints) with pg_restore --jobs. The tools and the sessions get
-settings that help a bulk load and concern only them (synchronous_commit off,
-maintenance_work_mem sized to the host); nothing is changed for the rest of the server.
+-- then post-data (indexes, constraints) with pg_restore --jobs. A plain dump goes to psql session
+after session around its large tables (PlainSplit). The COPY sessions take the dump's settings that
+concern them (COPY_SETTINGS); the tools and the sessions get settings that help a bulk load and
+concern only them (synchronous_commit off, maintenance_work_mem sized to the host); nothing is
+changed for the rest of the server.
 """
 
 from __future__ import annotations
