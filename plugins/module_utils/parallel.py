@@ -41,6 +41,7 @@ BLOCK = 1 << 20  # bytes a COPY session gets at a time (whole rows)
 _TABLE_DATA = re.compile(r"^\d+; \d+ \d+ TABLE DATA (.*)$")
 _COPY = re.compile(r"^COPY (?P<rel>.+?) \((?P<cols>.*)\) FROM stdin;$")
 _REL = re.compile(r'^(?:"((?:[^"]|"")*)"|([^\s."]+))\.(?:"((?:[^"]|"")*)"|([^\s."]+))$')
+_IDENT = re.compile(r'"((?:[^"]|"")*)"|([^\s,"]+)')
 # a setting line of pg_dump's SQL: "SET client_encoding = 'UTF8';", "SELECT pg_catalog.set_config('search_path', '',
 # false);" (name, then the value: quoted, or a bare word or number)
 _SETTING = re.compile(
@@ -61,9 +62,6 @@ def dump_setting(line: bytes) -> tuple[str, str] | None:
     if value.startswith("'"):
         value = value[1:-1].replace("''", "'")
     return (m.group(1) or m.group(2)).decode(), value
-
-
-_IDENT = re.compile(r'"((?:[^"]|"")*)"|([^\s,"]+)')
 
 
 def bulk_settings(jobs: int) -> dict[str, str]:
@@ -268,12 +266,13 @@ class SplitCopy:
 def _until_end_marker(rows_in: RowBlocks, what: str) -> Iterator[bytes]:
     """The blocks of one table's COPY text up to its end marker, a line of its own."""
     for rows in rows_in.blocks():
-        end = 0 if rows.startswith(b"\\.\n") else rows.find(b"\n\\.\n") + 1
-        if end or rows.startswith(b"\\.\n"):
-            if end:
-                yield rows[:end]
-            return
-        yield rows
+        marker = 0 if rows.startswith(b"\\.\n") else rows.find(b"\n\\.\n") + 1 or None  # where its line starts
+        if marker is None:
+            yield rows
+            continue
+        if marker:
+            yield rows[:marker]
+        return
     raise PgOpsError(f"the dump's data of table {what} ended without its end marker")
 
 
@@ -340,8 +339,9 @@ class PlainSplit:
             elif line[:1] in b"SCc \t":  # a setting or a COPY: nothing else is looked at
                 text = dump_text(line, self.settings.get("client_encoding"))
                 in_copy = bool(COPY_FROM_STDIN.match(text))
-                if in_copy and copy_relation(text) in self.split:
-                    stop.append((copy_relation(text), text))
+                table = copy_relation(text) if in_copy else None
+                if table in self.split:
+                    stop.append((table, text))
                     return
                 setting = dump_setting(line)
                 if setting:
