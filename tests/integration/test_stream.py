@@ -28,6 +28,7 @@ from tests.harness.ansible_run import ansible_env
 from tests.harness.pg import SUPERUSER, SUPERUSER_PASSWORD, PgServer, client_bindir, start_server
 from tests.harness.restore_process import paused_restore
 from tests.integration.test_playbooks import login_vars
+from tests.integration.test_progress import GATE_ROLE, GATE_SQL
 
 pytestmark = pytest.mark.newest_major
 
@@ -233,22 +234,15 @@ def test_the_playbook_refreshes_from_restore_source_without_printing_its_passwor
     assert pg.sql("SELECT count(*) FROM users WHERE email LIKE '%@example.invalid'", dbname=STAGING) == [(500,)]
 
 
-GATE_ROLE = "pgops_test_gate_open"
-# the table gate's one row waits, as COPY loads it into the staging copy, until GATE_ROLE exists on that server
-# (the source server has the role, so making the source is quick)
-GATED = f"""
+# users, then table gate (test_progress.GATE_SQL), whose one row waits as COPY loads it into the staging copy
+# until GATE_ROLE exists on that server (the source server has the role, so making the source is quick)
+GATED = (
+    """
 CREATE TABLE users (id int PRIMARY KEY, email text);
 INSERT INTO users SELECT g, 'u' || g FROM generate_series(1, 5000) g;
-CREATE FUNCTION gate(x integer) RETURNS boolean LANGUAGE plpgsql AS $$
-BEGIN
-  WHILE NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = '{GATE_ROLE}') LOOP
-    PERFORM pg_catalog.pg_sleep(0.05);
-  END LOOP;
-  RETURN true;
-END $$;
-CREATE TABLE gate (x integer CHECK (public.gate(x)));
-INSERT INTO gate VALUES (1);
 """
+    + GATE_SQL
+)
 
 
 @STREAMS
