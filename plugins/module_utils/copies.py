@@ -159,15 +159,20 @@ def create_database(conn: Any, name: str, template: str, owner: str | None, loca
     return int(conn.execute("SELECT oid FROM pg_catalog.pg_database WHERE datname = %s", (name,)).fetchone()[0])
 
 
-def drop_database(params: ConnParams, info: ServerInfo, name: str, wait_timeout: float) -> None:
+def drop_statement(name: str) -> sql.Composed:
+    return sql.SQL("DROP DATABASE {}").format(ident(name))
+
+
+def drop_database(params: ConnParams, info: ServerInfo, name: str, wait_timeout: float, drop: bool = True) -> None:
     """Close, clear and drop a database of our own (staging, previous copy, partial restore).
 
     It is dropped as soon as no session is seen (no settle time): a session that slipped in makes DROP DATABASE
     fail with OBJECT_IN_USE and change nothing, and the sessions are then cleared again, until wait_timeout.
+    With drop=False it is left closed and cleared for a drop in a session of its own (pruner.py).
     """
 
-    def drop(conn: Any, _closure: object) -> None:
-        execute(conn, sql.SQL("DROP DATABASE {}").format(ident(name)), f'cannot drop "{name}"')
+    def run_drop(conn: Any, _closure: object) -> None:
+        execute(conn, drop_statement(name), f'cannot drop "{name}"')
 
     if info.version_num >= 100000:  # a database with subscriptions cannot be dropped
         with connect(params) as conn:
@@ -178,7 +183,7 @@ def drop_database(params: ConnParams, info: ServerInfo, name: str, wait_timeout:
     deadline = time.monotonic() + wait_timeout
     while True:
         try:
-            clear_sessions(params, request, on_cleared=drop)
+            clear_sessions(params, request, on_cleared=run_drop if drop else None)
             return
         except PgOpsError as exc:
             if exc.sqlstate != OBJECT_IN_USE or time.monotonic() >= deadline:

@@ -19,7 +19,12 @@ from typing import Any
 
 from ansible_collections.pgops.dbrestore.plugins.module_utils.postgres import ConnParams, connect, server_info
 from ansible_collections.pgops.dbrestore.plugins.module_utils.progress import Progress, progress_path
-from ansible_collections.pgops.dbrestore.plugins.module_utils.registry import Registry, acquire_lock
+from ansible_collections.pgops.dbrestore.plugins.module_utils.registry import (
+    PRUNE_WAIT_S,
+    Registry,
+    acquire_lock,
+    wait_for_prune,
+)
 
 # Test-only: "<point>:<file>" makes the process write its pid to <file> and stop itself (SIGSTOP)
 # at that point (a step's name: right before it), so a test kills it there instead of racing a sleep.
@@ -50,6 +55,7 @@ class Maintenance:
     def lock(self, timeout: float) -> list[str]:
         warnings = acquire_lock(self.conn, self.db, timeout)
         self.locked = True
+        wait_for_prune(self.conn, self.db, PRUNE_WAIT_S)  # the last run's old copies are gone first
         return warnings
 
     def invalidate(self) -> None:

@@ -26,6 +26,9 @@ from ansible_collections.pgops.dbrestore.plugins.module_utils.postgres import (
 SCHEMA = "pgops_dbrestore"
 # first key of the advisory lock, "pgop"; the second is hashtext(<db>)
 LOCK_CLASS = 0x70676F70
+# the same for the key a run's background drop of old copies holds (pruner.py), "pgoq"
+PRUNE_CLASS = 0x70676F71
+PRUNE_WAIT_S = 600  # dropping a copy of a few TB takes minutes; longer means it waits on something else
 
 _TABLES = {
     "restored": "datoid oid PRIMARY KEY, datname text NOT NULL, sha256 text NOT NULL, format text NOT NULL, "
@@ -200,10 +203,14 @@ class Registry:
 
     def forget(self, oid: int) -> None:
         """Drop every record of a database (it was dropped, or became the live one again)."""
+        for statement in self.forget_statements(oid):
+            execute(self.conn, statement, "records")
+
+    def forget_statements(self, oid: int) -> list[sql.Composed]:
+        """What forget(oid) runs, for a session of its own (pruner.py)."""
         if not self._usable():
-            return
-        for name in _TABLES:
-            execute(self.conn, sql.SQL("DELETE FROM {} WHERE datoid = %s").format(_table(name)), "records", (oid,))
+            return []
+        return [sql.SQL("DELETE FROM {} WHERE datoid = {}").format(_table(name), sql.Literal(oid)) for name in _TABLES]
 
     # --- blocks left in place by state=blocked ------------------------------------------------
 
@@ -233,7 +240,7 @@ class Registry:
 # --- the per-database lock -----------------------------------------------------------------------
 
 
-def _holders(conn: Any, db: str) -> list[tuple[int, bool, bool]]:
+def _holders(conn: Any, db: str, key_class: int = LOCK_CLASS) -> list[tuple[int, bool, bool]]:
     """Backends holding our lock key for db in any database: (pid, privileged, in this database)."""
     rows = conn.execute(
         "SELECT l.pid, coalesce(r.rolsuper OR r.rolname = current_user, false), "
@@ -243,7 +250,7 @@ def _holders(conn: Any, db: str) -> list[tuple[int, bool, bool]]:
         "WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2 AND l.pid <> pg_catalog.pg_backend_pid() "
         "AND l.classid::bigint = %s "
         "AND l.objid::bigint = (pg_catalog.hashtext(%s)::bigint + 4294967296) %% 4294967296",
-        (LOCK_CLASS, db),
+        (key_class, db),
     ).fetchall()
     return [(int(r[0]), bool(r[1]), bool(r[2])) for r in rows]
 
@@ -284,3 +291,24 @@ def acquire_lock(conn: Any, db: str, timeout: float) -> list[str]:
                 sqlstate=LOCK_NOT_AVAILABLE,
             )
         time.sleep(0.1 if squatters else 0.25)
+
+
+def wait_for_prune(conn: Any, db: str, timeout: float) -> int:
+    """Wait until the background drop of db's old copies by an earlier run ended; returns the ms waited.
+
+    Only a holder that is a superuser or the login role counts, as for the lock: another role taking
+    the key delays nobody.
+    """
+    started = time.monotonic()
+    while True:
+        pids = [pid for pid, privileged, _here in _holders(conn, db, PRUNE_CLASS) if privileged]
+        if not pids:
+            return int((time.monotonic() - started) * 1000)
+        if time.monotonic() - started >= timeout:
+            raise PgOpsError(
+                f'the old copies of "{db}" that the last run handed to a background drop (backend pid '
+                f"{', '.join(map(str, pids))}) are still being dropped after {timeout:g} s; nothing was changed. "
+                "See what that session waits for in pg_stat_activity, then run again",
+                sqlstate=LOCK_NOT_AVAILABLE,
+            )
+        time.sleep(0.05)

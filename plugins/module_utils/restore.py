@@ -223,6 +223,7 @@ class RestoreResult:
     created: list[str] = field(default_factory=list)
     renamed: list[str] = field(default_factory=list)  # "old -> new"
     dropped: list[str] = field(default_factory=list)
+    dropping: list[str] = field(default_factory=list)  # old copies a detached session drops after we return
     terminated: list[dict] = field(default_factory=list)
     restarted: bool = False
     switch_window_ms: int = 0
@@ -252,7 +253,7 @@ class RestoreResult:
 
     def has_effects(self) -> bool:
         """Whether anything is different now: a database made, renamed or dropped, a session ended."""
-        return bool(self.created or self.renamed or self.dropped or self.terminated or self.restarted)
+        return bool(self.created or self.renamed or self.dropped or self.dropping or self.terminated or self.restarted)
 
     def as_dict(self) -> dict[str, Any]:
         data = asdict(self)

@@ -12,7 +12,6 @@ A new strategy is one class here, registered in STRATEGIES or chosen in plan_for
 from __future__ import annotations
 
 import os
-import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -28,6 +27,7 @@ from ansible_collections.pgops.dbrestore.plugins.module_utils.copies import (
     apply_settings,
     create_database,
     drop_database,
+    drop_statement,
     free_name,
     previous_name,
     read_settings,
@@ -58,11 +58,10 @@ from ansible_collections.pgops.dbrestore.plugins.module_utils.postgres import (
     database_oid,
     execute,
     ident,
-    one_line,
-    psycopg,
     sql,
 )
 from ansible_collections.pgops.dbrestore.plugins.module_utils.preflight import Preflight, choose_bindir
+from ansible_collections.pgops.dbrestore.plugins.module_utils.pruner import BackgroundDrop
 from ansible_collections.pgops.dbrestore.plugins.module_utils.registry import Copy, Registry
 from ansible_collections.pgops.dbrestore.plugins.module_utils.sanitize import (
     Script,
@@ -94,46 +93,6 @@ from ansible_collections.pgops.dbrestore.plugins.module_utils.switch import (
 PHASES = ("all", "stage", "close", "switch", "open", "abort")
 
 
-class EarlyCheckpoint:
-    """CHECKPOINT in a session of its own while the restored copy is verified, when a copy is dropped after the switch.
-
-    DROP DATABASE makes the server write out every dirty buffer of the cluster first (an immediate checkpoint), the
-    pages the load just wrote among them; that took most of the time the module spent after the switch. Written
-    while ANALYZE reads the copy, the drop finds little left to write. Nothing is dropped earlier than before: a
-    previous copy is a rollback target until the new copy is switched in, so a failed restore keeps all of them.
-    Only for a superuser or a member of pg_checkpoint (15+); a failure here only costs the time it would have saved.
-    """
-
-    def __init__(self, op: Operation) -> None:
-        self.op, self.error = op, ""
-        self.thread = threading.Thread(target=self._run, name="pgops-checkpoint", daemon=True)
-
-    @staticmethod
-    def allowed(op: Operation) -> bool:
-        if op.info.is_superuser:
-            return True
-        if op.info.version_num < 150000:
-            return False
-        return bool(op.conn.execute("SELECT pg_catalog.pg_has_role('pg_checkpoint', 'USAGE')").fetchone()[0])
-
-    def start(self) -> EarlyCheckpoint:
-        self.thread.start()
-        return self
-
-    def _run(self) -> None:
-        try:
-            with connect(self.op.params) as conn:
-                conn.execute("CHECKPOINT")
-        except (PgOpsError, psycopg.Error) as exc:
-            self.error = one_line(exc)
-
-    def join(self) -> None:
-        """Wait for it (the drop would wait for a checkpoint anyway); say in the log if it failed."""
-        self.thread.join()
-        if self.error:
-            self.op.res.log.append(f"early checkpoint failed ({self.error}); the drop writes the buffers itself")
-
-
 class Target:
     """The database a run restores and the copies around it, as found before any step runs."""
 
@@ -156,7 +115,14 @@ class Target:
         self.method = best_method(op.info, op.req.block_new_connections)
         self.bindir = op.req.bindir  # or a newer installed client, when the dump needs one
         self.drops_after_switch = False  # a copy is dropped once switched (set while planning the switch)
-        self.checkpoint: EarlyCheckpoint | None = None
+        self.pruner: BackgroundDrop | None = None
+
+    def start_pruner(self) -> BackgroundDrop:
+        """The child that will drop the old copies; started early so that it is ready when they are."""
+        if self.pruner is None:
+            self.pruner = BackgroundDrop(self.op.params, self.db)
+            self.op.closers.append(self.pruner.close)
+        return self.pruner
 
     def preflight(self) -> Preflight:
         """The checks every path that switches the live database needs."""
@@ -253,6 +219,8 @@ class Staging:
 
     def _load(self) -> None:
         op, t, req = self.t.op, self.t, self.t.op.req
+        if t.drops_after_switch and req.phase == "all":
+            t.start_pruner()  # imported and connected while the dump loads
         if self.live is None and database_oid(op.conn, t.db) is not None:  # replace read it before the drop
             self.live = read_settings(op.conn, t.db)
         locale = {"ENCODING": req.encoding, "LC_COLLATE": req.lc_collate, "LC_CTYPE": req.lc_ctype}
@@ -295,8 +263,6 @@ class Staging:
     def _run_verify(self) -> None:
         op, t, req = self.t.op, self.t, self.t.op.req
         owner = req.owner or (self.live.owner if self.live else op.info.current_user)
-        if t.drops_after_switch and req.phase == "all" and EarlyCheckpoint.allowed(op):
-            t.checkpoint = EarlyCheckpoint(op).start()
         verify(op.params, t.staging, req.verify_query, owner, req.analyze, req.load_jobs)
         marker = {"sha256": op.res.sha256, "format": self.dump.format, "size": self.dump.size,
                   "src": source_name(self.dump), "writes": settled_writes(op, t.staging_oid, t.staging)}  # fmt: skip
@@ -363,7 +329,10 @@ def _drop_quietly(op: Operation, name: str, oid: int | None) -> None:
 
 
 def prune(t: Target, kind: str, keep: int, planned: list[str]) -> list[Step]:
-    """Drop our copies of one kind beyond the newest `keep` once the steps before ran (planned: their names now)."""
+    """Drop our copies of one kind beyond the newest `keep` once the steps before ran (planned: their names now).
+
+    Each is closed and cleared here; the DROP itself runs after the module returns (pruner.py).
+    """
     op = t.op
     if not planned:
         return []
@@ -371,14 +340,23 @@ def prune(t: Target, kind: str, keep: int, planned: list[str]) -> list[Step]:
     t.drops_after_switch = True
 
     def run() -> None:
-        if t.checkpoint is not None:
-            t.checkpoint.join()
-        for copy in t.copies(kind)[keep:]:
-            drop_database(op.params, op.info, copy.name, op.req.wait_timeout)
-            op.registry.forget(copy.oid)
-            op.res.dropped.append(copy.name)
-            op.res.log.append(f'dropped old copy "{copy.name}" (keep_previous={keep})')
-        if op.res.previous_db in op.res.dropped:
+        gone = t.copies(kind)[keep:]
+        statements: list[str] = []
+        for copy in gone:
+            drop_database(op.params, op.info, copy.name, op.req.wait_timeout, drop=False)
+            drop_and_forget = [drop_statement(copy.name), *op.registry.forget_statements(copy.oid)]
+            statements += [s.as_string(op.conn) for s in drop_and_forget]
+        if t.start_pruner().hand(statements):
+            op.res.dropping += [c.name for c in gone]
+            op.res.log += [f'dropping old copy "{c.name}" after this run returns (keep_previous={keep}); the next '
+                           f'run of "{t.db}" waits for it' for c in gone]  # fmt: skip
+        else:
+            for copy in gone:
+                drop_database(op.params, op.info, copy.name, op.req.wait_timeout)
+                op.registry.forget(copy.oid)
+                op.res.dropped.append(copy.name)
+                op.res.log.append(f'dropped old copy "{copy.name}" (keep_previous={keep})')
+        if op.res.previous_db in op.res.dropped + op.res.dropping:
             op.res.previous_db, op.res.rollback, op.res.rollback_sql = "", {}, []
 
     names = ", ".join(f'"{n}"' for n in planned)

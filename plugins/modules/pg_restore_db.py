@@ -153,6 +153,10 @@ options:
     description:
       - How many C(<db>_prev_*) copies to keep after a successful swap, and C(<db>_undone_*) copies after a
         rollback; older ones are dropped. V(0) keeps none (and so allows no rollback).
+      - The module closes and clears each copy that goes, then hands its C(DROP DATABASE) to a detached session
+        that runs it after the module returned (RV(dropping)), since removing a copy's files takes time that grows
+        with its size and nothing needs to wait for it. The next run against the same database, restore or
+        rollback, waits until that session ended. A copy whose drop failed stays recorded and the next run drops it.
     type: int
     default: 1
   force:
@@ -633,6 +637,15 @@ renamed:
   sample: ["hoge_db -> hoge_db_prev_20261125T030009123Z", "hoge_db_pgops_staging -> hoge_db"]
 dropped:
   description: Databases dropped (leftover staging, copies beyond O(keep_previous), the live one with V(replace)).
+  returned: always
+  type: list
+  elements: str
+  sample: [hoge_db_prev_20261124T030011456Z]
+dropping:
+  description:
+    - Copies beyond O(keep_previous) whose C(DROP DATABASE) a detached session runs after the module returned (see
+      O(keep_previous)); closed and cleared already. Empty when that session could not start (then RV(dropped)
+      lists them).
   returned: always
   type: list
   elements: str

@@ -37,6 +37,7 @@ from pathlib import Path
 import psycopg
 
 from ansible_collections.pgops.dbrestore.plugins.module_utils.postgres import ConnParams
+from ansible_collections.pgops.dbrestore.plugins.module_utils.pruner import APPLICATION_NAME as PRUNER
 
 ROOT = Path(__file__).resolve().parents[2]
 CACHE = ROOT / ".cache" / "pg"
@@ -389,6 +390,13 @@ class PgServer:
         with self.connect(dbname) as conn:
             cur = conn.execute(query, params)
             return cur.fetchall() if cur.description else None
+
+    def pruned(self, timeout: float = 120) -> None:
+        """Wait until no background drop of old copies runs: a restore returns once it handed them over."""
+        deadline = time.monotonic() + timeout
+        while self.sql("SELECT count(*) FROM pg_stat_activity WHERE application_name = %s", (PRUNER,))[0][0]:
+            assert time.monotonic() < deadline, f"a background drop of old copies still runs after {timeout} s"
+            time.sleep(0.05)
 
     def client_env(self) -> dict[str, str]:
         return {

@@ -110,7 +110,7 @@ def test_subscription_and_slot_follow_the_switch(publisher: PgServer, subscriber
 
     # the next restore drops that old copy (keep_previous=1): its subscription goes, the publisher's slot stays
     res2 = restore(pg, LIVE, sub_dump, force=True, logical_subscriptions="hand_over")
-    assert res.previous_db in res2.dropped
+    assert res.previous_db in res2.dropping
     publisher.sql("INSERT INTO t (v) VALUES ('four')", dbname=SRC)
     wait_for(lambda: values(pg, LIVE) == ["one", "four"], "the restored copy streamed 'four'")
     assert publisher.sql("SELECT slot_name FROM pg_replication_slots") == [("sub",)]

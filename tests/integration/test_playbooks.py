@@ -45,6 +45,7 @@ NOT_DUMPS = (
 
 
 def databases(pg: PgServer) -> set[str]:
+    pg.pruned()
     return {r[0] for r in pg.sql("SELECT datname FROM pg_database")}
 
 

@@ -21,6 +21,7 @@ DEBIAN_15_BIN = Path("/usr/lib/postgresql/15/bin")
 
 
 def databases(pg: PgServer) -> set[str]:
+    pg.pruned()
     return {r[0] for r in pg.sql("SELECT datname FROM pg_database")}
 
 

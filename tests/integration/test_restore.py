@@ -19,9 +19,10 @@ from pathlib import Path
 import pytest
 from psycopg import sql
 
+from ansible_collections.pgops.dbrestore.plugins.module_utils import pruner
 from ansible_collections.pgops.dbrestore.plugins.module_utils.copies import name_base, staging_name
 from ansible_collections.pgops.dbrestore.plugins.module_utils.postgres import LOCK_NOT_AVAILABLE, PgOpsError
-from ansible_collections.pgops.dbrestore.plugins.module_utils.registry import LOCK_CLASS, Registry
+from ansible_collections.pgops.dbrestore.plugins.module_utils.registry import LOCK_CLASS, PRUNE_CLASS, Registry
 from ansible_collections.pgops.dbrestore.plugins.module_utils.restart import RestartSpec
 from ansible_collections.pgops.dbrestore.plugins.module_utils.restore import RestoreRequest, restore_database
 from tests.conftest import drop_database
@@ -42,6 +43,7 @@ def restore(pg: PgServer, db: str, src: Path | str | None = None, **kw):
 
 
 def databases(pg: PgServer) -> set[str]:
+    pg.pruned()
     return {r[0] for r in pg.sql("SELECT datname FROM pg_database")}
 
 
@@ -59,6 +61,7 @@ def genre(pg: PgServer, db: str, genre_id: int) -> list:
 
 def previous_copies(pg: PgServer, db: str) -> list[str]:
     """The previous copies of db recorded by the collection, newest first."""
+    pg.pruned()
     with pg.connect() as conn:
         return [c.name for c in Registry(conn).copies(db, "previous")]
 
@@ -293,7 +296,7 @@ def test_same_dump_is_a_no_op_unless_forced(pg: PgServer, dumps, live_db: str):
     assert forced.changed and forced.previous_db and forced.marker_after["sha256"] == first.sha256
     assert genre(pg, live_db, 9002) == [], "force restored nothing"
     assert previous_copies(pg, live_db) == [forced.previous_db]  # keep_previous=1 dropped the first one
-    assert first.previous_db in forced.dropped
+    assert first.previous_db in forced.dropping
 
 
 def test_a_different_dump_over_a_restored_database_restores(pg: PgServer, dumps, live_db: str, other_dump: Path):
@@ -357,9 +360,52 @@ def test_keep_previous(pg: PgServer, dumps, live_db: str):
     ]
     assert previous_copies(pg, live_db) == [made[2], made[1]] and made[0] not in databases(pg)
     res = restore(pg, live_db, dumps["chinook"]["directory"], keep_previous=0)
-    assert previous_copies(pg, live_db) == [] and sorted(res.dropped) == sorted([made[2], made[1], res_prev(res)])
+    assert previous_copies(pg, live_db) == [] and sorted(res.dropping) == sorted([made[2], made[1], res_prev(res)])
     assert res.rollback == {} and res.previous_db == "" and res.rollback_sql == []
     assert ours(pg, live_db) == {live_db}
+
+
+def test_old_copies_are_dropped_after_the_run_returns(pg: PgServer, dumps, live_db: str):
+    """The copy beyond keep_previous is closed when the run returns; a detached session drops it and its records."""
+    first = restore(pg, live_db, dumps["chinook"]["custom"])
+    oid = pg.sql("SELECT oid FROM pg_database WHERE datname = %s", (first.previous_db,))[0][0]
+    second = restore(pg, live_db, dumps["chinook"]["tar"])
+    assert second.dropping == [first.previous_db] and second.dropped == [] and second.changed
+    assert any(f'dropping old copy "{first.previous_db}" after this run returns' in line for line in second.log)
+    assert not allows_connections(pg, first.previous_db) or first.previous_db not in databases(pg)
+    assert previous_copies(pg, live_db) == [second.previous_db] and first.previous_db not in databases(pg)
+    for table in ("restored", "copies", "blocks"):
+        query = sql.SQL("SELECT count(*) FROM pgops_dbrestore.{} WHERE datoid = %s").format(sql.Identifier(table))
+        assert pg.sql(query, (oid,)) == [(0,)], f"a record of the dropped copy is left in {table}"
+
+
+def test_the_next_run_waits_for_the_background_drop(pg: PgServer, dumps, live_db: str):
+    """Whoever holds the prune key as a superuser stands for a drop still running: the next run waits for it."""
+    src = dumps["chinook"]["custom"]
+    restore(pg, live_db, src)
+    done: dict = {}
+    with pg.connect() as drop_session:
+        drop_session.execute("SELECT pg_advisory_lock(%s, hashtext(%s))", (PRUNE_CLASS, live_db))
+        run = threading.Thread(target=lambda: done.update(res=restore(pg, live_db, src, force=True)))
+        run.start()
+        _wait_for(lambda: pg.sql("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND classid = %s "
+                                 "AND granted", (LOCK_CLASS,))[0][0] == 1)  # fmt: skip
+        held = time.monotonic()
+        time.sleep(1)  # however long the drop takes, the run waits it out
+        drop_session.execute("SELECT pg_advisory_unlock(%s, hashtext(%s))", (PRUNE_CLASS, live_db))
+        waited_ms = (time.monotonic() - held) * 1000
+    run.join()
+    assert done["res"].changed and done["res"].phases_ms["lock"] >= waited_ms
+
+
+def test_old_copies_are_dropped_in_the_run_when_no_session_can_take_them(pg: PgServer, dumps, live_db: str,
+                                                                         monkeypatch: pytest.MonkeyPatch):  # fmt: skip
+    """A background session that ends before it took the drops (no psycopg, no connection): the run drops them."""
+    first = restore(pg, live_db, dumps["chinook"]["custom"])
+    monkeypatch.setattr(pruner, "_DROP_SCRIPT", "import sys; sys.exit(1)")
+    second = restore(pg, live_db, dumps["chinook"]["tar"])
+    assert second.dropped == [first.previous_db] and second.dropping == []
+    assert first.previous_db not in databases(pg) and previous_copies(pg, live_db) == [second.previous_db]
 
 
 def res_prev(res) -> str:

@@ -70,6 +70,7 @@ def app_is_superuser(pg: PgServer) -> bool:
 
 
 def databases(pg: PgServer) -> set[str]:
+    pg.pruned()
     return {r[0] for r in pg.sql("SELECT datname FROM pg_database")}
 
 

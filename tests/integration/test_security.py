@@ -70,6 +70,7 @@ def acl(pg: PgServer, db: str = DB) -> str | None:
 
 
 def databases(pg: PgServer) -> set[str]:
+    pg.pruned()
     return {r[0] for r in pg.sql("SELECT datname FROM pg_database")}
 
 
@@ -201,7 +202,7 @@ def test_planted_previous_copy_is_neither_dropped_nor_rolled_in(pg: PgServer, sh
     app_sql(pg, sql.SQL("CREATE DATABASE {}").format(sql.Identifier(planted)), dbname="postgres")
     app_sql(pg, "CREATE TABLE attacker (x int)", dbname=planted)
     second = restore(pg, shop, force=True)  # keep_previous=1 drops the older real copy, not the planted one
-    assert planted in databases(pg) and first.previous_db in second.dropped
+    assert planted in databases(pg) and first.previous_db in second.dropping
     restore(pg, rollback=True)
     assert app_sql(pg, "SELECT to_regclass('public.attacker') IS NULL") == [(True,)]
     assert planted in databases(pg)
