@@ -44,7 +44,7 @@ from methods import (  # noqa: E402
     restore_via_ansible,
 )
 from psycopg import sql  # noqa: E402
-from report import markdown, plot  # noqa: E402
+from report import markdown, plot, raw_method  # noqa: E402
 
 from ansible_collections.pgops.dbrestore.plugins.module_utils.postgres import PgOpsError  # noqa: E402
 from tests.harness.pg import PgServer, client_bindir, start_server  # noqa: E402
@@ -196,8 +196,7 @@ def bench_size(pg: PgServer, plan: Plan, scale: int, work: Path) -> dict:
         for jobs in dict.fromkeys((1, JOBS)):
             fresh = f"{db}_fresh"
             drop_reliably(pg, fresh)
-            pg.sql(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(fresh)))
-            walls.append({"method": f"pg_restore -j{jobs}", **timed(pg_restore, pg, fresh, dump, jobs)})
+            walls.append({"method": raw_method(jobs), **timed(createdb_and_pg_restore, pg, fresh, dump, jobs)})
             drop_reliably(pg, fresh)
         ensure_loaded(pg, db, dump)
         walls.append({"method": "pg_restore_db swap", **timed(restore_swap, pg, db, dump)})
@@ -231,10 +230,10 @@ def bench_size(pg: PgServer, plan: Plan, scale: int, work: Path) -> dict:
     return size
 
 
-def createdb_and_pg_restore(pg: PgServer, db: str, dump: Path) -> dict:
+def createdb_and_pg_restore(pg: PgServer, db: str, dump: Path, jobs: int = JOBS) -> dict:
     """Raw: createdb + pg_restore -jN into a new database, as a script does it."""
     pg.sql(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(db)))
-    pg_restore(pg, db, dump, JOBS)
+    pg_restore(pg, db, dump, jobs)
     return {}
 
 
@@ -254,7 +253,7 @@ def bench_many_tables(pg: PgServer, plan: Plan, work: Path) -> dict:
     for trial in range(plan.wall_trials):
         fresh = f"{db}_fresh"
         drop_reliably(pg, fresh)
-        walls.append({"method": f"createdb + pg_restore -j{JOBS}", "trial": trial,
+        walls.append({"method": raw_method(JOBS), "trial": trial,
                       **timed(createdb_and_pg_restore, pg, fresh, dump)})  # fmt: skip
         drop_reliably(pg, fresh)
         walls.append({"method": "pg_restore_db swap", "trial": trial, **timed(restore_swap, pg, db, dump)})
