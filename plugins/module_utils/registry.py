@@ -293,8 +293,8 @@ def acquire_lock(conn: Any, db: str, timeout: float) -> list[str]:
         time.sleep(0.1 if squatters else 0.25)
 
 
-def wait_for_prune(conn: Any, db: str, timeout: float) -> int:
-    """Wait until the background drop of db's old copies by an earlier run ended; returns the ms waited.
+def wait_for_prune(conn: Any, db: str, timeout: float) -> None:
+    """Wait until the background drop of db's old copies by an earlier run ended (pruner.py).
 
     Only a holder that is a superuser or the login role counts, as for the lock: another role taking
     the key delays nobody.
@@ -303,7 +303,7 @@ def wait_for_prune(conn: Any, db: str, timeout: float) -> int:
     while True:
         pids = [pid for pid, privileged, _here in _holders(conn, db, PRUNE_CLASS) if privileged]
         if not pids:
-            return int((time.monotonic() - started) * 1000)
+            return
         if time.monotonic() - started >= timeout:
             raise PgOpsError(
                 f'the old copies of "{db}" that the last run handed to a background drop (backend pid '

@@ -545,7 +545,7 @@ def _create_live(op: Operation, t: Target) -> None:
         rename(op.conn, t.staging, t.db, op.res)
         op.registry.forget_copy(t.staging_oid)  # type: ignore[arg-type]
 
-    in_transaction_retrying(op.conn, op, t.db, body)
+    in_transaction_retrying(op.conn, op, [t.staging], body)
     op.res.switched_at = time.time()
     op.res.log.append(f'"{t.db}" did not exist: created it from the dump')
 
@@ -653,7 +653,7 @@ def switch_steps(t: Target) -> list[Step]:
                 registry.forget_copy(t.staging_oid)  # type: ignore[arg-type]
 
             started = time.monotonic()
-            in_transaction_retrying(conn, op, t.db, body)
+            in_transaction_retrying(conn, op, [t.db, t.staging], body)
             op.res.pgbouncer_window_ms["rename"] = int((time.monotonic() - started) * 1000)
             state = states[0]
             op.res.switched_at = time.time()  # committed: a set across hosts reports the spread of these
@@ -772,7 +772,7 @@ class Rollback:
                 registry.forget_copy(prev.oid)
 
             started = time.monotonic()
-            in_transaction_retrying(conn, op, t.db, body)
+            in_transaction_retrying(conn, op, [t.db, prev.name], body)
             op.res.pgbouncer_window_ms["rename"] = int((time.monotonic() - started) * 1000)
             pause_point("rolled-back")  # renamed, not yet reopened: the guard's moment
             back.open(conn, t.db, prev.block_state)

@@ -10,7 +10,7 @@ switch.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -32,6 +32,7 @@ from ansible_collections.pgops.dbrestore.plugins.module_utils.pooler import Paus
 from ansible_collections.pgops.dbrestore.plugins.module_utils.postgres import (
     OBJECT_IN_USE,
     PgOpsError,
+    ServerInfo,
     database_oid,
     execute,
     ident,
@@ -49,6 +50,7 @@ from ansible_collections.pgops.dbrestore.plugins.module_utils.sessions import (
 from ansible_collections.pgops.dbrestore.plugins.module_utils.standbys import Follow, switch_lsn
 
 EXIT_GRACE_SECONDS = 0.05  # behind a paused PgBouncer: how long its closed server connections get to go away
+AUTOVACUUM_EXIT_SECONDS = 1.0  # for the workers we ended; one still there is left to the rename
 
 
 def rename(conn: Any, old: str, new: str, res: Any) -> None:
@@ -56,8 +58,34 @@ def rename(conn: Any, old: str, new: str, res: Any) -> None:
     res.renamed.append(f"{old} -> {new}")
 
 
-def in_transaction_retrying(conn: Any, op: Operation, db: str, body: Callable[[], None], attempts: int = 5) -> None:
-    """Run body in one transaction; a backend that slipped in before the block (55006) is ended and we retry."""
+def end_autovacuum(conn: Any, info: ServerInfo, dbs: Sequence[str]) -> list[int]:
+    """End the autovacuum workers in the databases about to be renamed, wait until they are gone; their pids.
+
+    The rename ends them itself, but then sleeps 100 ms before it looks again, inside the window the app
+    sees. Only a superuser may signal them; for any other login role the rename does it as before.
+    """
+    if not info.is_superuser or info.version_num < 100000:  # backend_type: 10+
+        return []
+    where = "FROM pg_catalog.pg_stat_activity WHERE backend_type = 'autovacuum worker' AND datname = ANY(%s)"
+    ended = [int(r[0]) for r in conn.execute("SELECT pid " + where, (list(dbs),)).fetchall()]
+    if not ended:
+        return []
+    conn.execute("SELECT pg_catalog.pg_terminate_backend(p) FROM pg_catalog.unnest(%s::int[]) p", (ended,))
+    deadline = time.monotonic() + AUTOVACUUM_EXIT_SECONDS
+    while conn.execute("SELECT count(*) " + where, (list(dbs),)).fetchone()[0] and time.monotonic() < deadline:
+        time.sleep(0.002)
+    return ended
+
+
+def in_transaction_retrying(conn: Any, op: Operation, renaming: Sequence[str], body: Callable[[], None],
+                            attempts: int = 5) -> None:  # fmt: skip
+    """Run body, which renames the databases `renaming` (live first), in one transaction; a backend that
+    slipped in before the block (55006) is ended and we retry."""
+    db = renaming[0]
+    autovacuum = end_autovacuum(conn, op.info, renaming)
+    if autovacuum:
+        op.res.log.append(f"switch: ended autovacuum worker(s) {autovacuum} before the renames (the server "
+                          "would have waited 100 ms for them)")  # fmt: skip
     for attempt in range(attempts):
         renamed = len(op.res.renamed)
         try:
