@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -163,17 +164,25 @@ def drop_statement(name: str) -> sql.Composed:
     return sql.SQL("DROP DATABASE {}").format(ident(name))
 
 
-def drop_database(params: ConnParams, info: ServerInfo, name: str, wait_timeout: float, drop: bool = True) -> None:
+def drop_database(params: ConnParams, info: ServerInfo, name: str, wait_timeout: float) -> None:
     """Close, clear and drop a database of our own (staging, previous copy, partial restore).
 
     It is dropped as soon as no session is seen (no settle time): a session that slipped in makes DROP DATABASE
     fail with OBJECT_IN_USE and change nothing, and the sessions are then cleared again, until wait_timeout.
-    With drop=False it is left closed and cleared for a drop in a session of its own (pruner.py).
     """
 
     def run_drop(conn: Any, _closure: object) -> None:
         execute(conn, drop_statement(name), f'cannot drop "{name}"')
 
+    close_database(params, info, name, wait_timeout, then=run_drop)
+
+
+def close_database(params: ConnParams, info: ServerInfo, name: str, wait_timeout: float,
+                   then: Callable[[Any, object], None] | None = None) -> None:  # fmt: skip
+    """Drop its subscriptions, close it to everyone and end its sessions; `then` runs while it is clear.
+
+    Without `then` it is left closed and cleared, for a drop in a session of its own (pruner.py).
+    """
     if info.version_num >= 100000:  # a database with subscriptions cannot be dropped
         with connect(params) as conn:
             drop_subscriptions(params, conn, name, wait_timeout)
@@ -183,7 +192,7 @@ def drop_database(params: ConnParams, info: ServerInfo, name: str, wait_timeout:
     deadline = time.monotonic() + wait_timeout
     while True:
         try:
-            clear_sessions(params, request, on_cleared=run_drop if drop else None)
+            clear_sessions(params, request, on_cleared=then)
             return
         except PgOpsError as exc:
             if exc.sqlstate != OBJECT_IN_USE or time.monotonic() >= deadline:

@@ -25,6 +25,7 @@ from ansible_collections.pgops.dbrestore.plugins.module_utils.blocking import (
 from ansible_collections.pgops.dbrestore.plugins.module_utils.copies import (
     DatabaseSettings,
     apply_settings,
+    close_database,
     create_database,
     drop_database,
     drop_statement,
@@ -343,7 +344,7 @@ def prune(t: Target, kind: str, keep: int, planned: list[str]) -> list[Step]:
         gone = t.copies(kind)[keep:]
         statements: list[str] = []
         for copy in gone:
-            drop_database(op.params, op.info, copy.name, op.req.wait_timeout, drop=False)
+            close_database(op.params, op.info, copy.name, op.req.wait_timeout)
             drop_and_forget = [drop_statement(copy.name), *op.registry.forget_statements(copy.oid)]
             statements += [s.as_string(op.conn) for s in drop_and_forget]
         if t.start_pruner().hand(statements):

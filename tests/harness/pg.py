@@ -398,6 +398,11 @@ class PgServer:
             assert time.monotonic() < deadline, f"a background drop of old copies still runs after {timeout} s"
             time.sleep(0.05)
 
+    def databases(self) -> set[str]:
+        """The server's databases, once no background drop of old copies runs."""
+        self.pruned()
+        return {r[0] for r in self.sql("SELECT datname FROM pg_database")}
+
     def client_env(self) -> dict[str, str]:
         return {
             **os.environ,

@@ -44,11 +44,6 @@ NOT_DUMPS = (
 )
 
 
-def databases(pg: PgServer) -> set[str]:
-    pg.pruned()
-    return {r[0] for r in pg.sql("SELECT datname FROM pg_database")}
-
-
 def login_vars(pg: PgServer, **overrides) -> dict:
     """The pgops_* inventory variables for the test server (the options that are set)."""
     return {f"pgops_{k}": v for k, v in pg.module_args(**overrides).items() if v not in (None, "")}
@@ -112,11 +107,11 @@ def report(proc: subprocess.CompletedProcess) -> str:
 
 
 def test_restore_by_name_check_idempotence_and_rollback(pg: PgServer, inventory: Path, hoge_db: str, backups: Path):
-    before, dbs = fingerprint_db(pg, hoge_db), databases(pg)
+    before, dbs = fingerprint_db(pg, hoge_db), pg.databases()
 
     checked = playbook(inventory, "restore", "-e", "db=hoge_db", "--check")
     assert checked.returncode == 0, checked.stdout + checked.stderr
-    assert "rename" in checked.stdout and fingerprint_db(pg, hoge_db) == before and databases(pg) == dbs
+    assert "rename" in checked.stdout and fingerprint_db(pg, hoge_db) == before and pg.databases() == dbs
 
     done = playbook(inventory, "restore", "-e", "db=hoge_db")
     assert done.returncode == 0, done.stdout + done.stderr
@@ -130,7 +125,7 @@ def test_restore_by_name_check_idempotence_and_rollback(pg: PgServer, inventory:
     assert "{'" not in text and "phases_ms" not in text
     # the previous copy it names exists, and the rollback command it offers is the one run below
     previous = re.search(r"previous copy: (hoge_db_prev_\w+), kept for rollback", text).group(1)
-    assert previous in databases(pg)
+    assert previous in pg.databases()
     assert f"roll back: ansible-playbook -i {inventory} pgops.dbrestore.rollback -e db=hoge_db" in text, text
 
     again = playbook(inventory, "restore", "-e", "db=hoge_db")
@@ -140,7 +135,7 @@ def test_restore_by_name_check_idempotence_and_rollback(pg: PgServer, inventory:
     back = playbook(inventory, "rollback", "-e", "db=hoge_db")
     assert back.returncode == 0, back.stdout + back.stderr
     assert fingerprint_db(pg, hoge_db) == before
-    assert previous not in databases(pg) and [d for d in databases(pg) if d.startswith("hoge_db_undone_")]
+    assert previous not in pg.databases() and [d for d in pg.databases() if d.startswith("hoge_db_undone_")]
 
 
 def test_no_previous_copy_no_rollback_offered(pg: PgServer, inventory: Path, hoge_db: str):
@@ -149,7 +144,7 @@ def test_no_previous_copy_no_rollback_offered(pg: PgServer, inventory: Path, hog
     text = report(proc)
     assert "no previous copy kept (restore_keep_previous=0)" in text, text
     assert "roll back:" not in text and "previous copy: " not in text
-    assert not [d for d in databases(pg) if d.startswith("hoge_db_prev_")]
+    assert not [d for d in pg.databases() if d.startswith("hoge_db_prev_")]
 
 
 # the staging and previous copies of the set's databases (other tests' databases may share the server meanwhile)
@@ -163,7 +158,7 @@ def test_set_with_a_broken_dump_switches_none(pg: PgServer, inventory: Path, hog
     # the dry run before staging reads every dump through: the damaged one stops the set there
     assert proc.returncode != 0 and "shard_b.tar' is not readable (tar format): truncated" in proc.stdout, proc.stdout
     assert {db: fingerprint_db(pg, db) for db in before} == before
-    assert not [d for d in databases(pg) if d.startswith(SET_COPIES)]
+    assert not [d for d in pg.databases() if d.startswith(SET_COPIES)]
 
 
 def test_set_with_a_dump_that_fails_to_load_switches_none(pg: PgServer, inventory: Path, hoge_db: str, backups: Path):
@@ -172,7 +167,7 @@ def test_set_with_a_dump_that_fails_to_load_switches_none(pg: PgServer, inventor
     proc = playbook(inventory, "restore", "-e", "dbs=hoge_db,shard_a,shard_b")
     assert proc.returncode != 0 and "before any database was switched" in proc.stdout, proc.stdout
     assert {db: fingerprint_db(pg, db) for db in before} == before
-    assert not [d for d in databases(pg) if d.startswith(SET_COPIES)]
+    assert not [d for d in pg.databases() if d.startswith(SET_COPIES)]
 
 
 def test_set_restores_all(pg: PgServer, inventory: Path, hoge_db: str):
@@ -196,33 +191,33 @@ def refused(pg: PgServer, proc: subprocess.CompletedProcess, dbs_before: set[str
     assert "Unknown error" not in text and "Traceback" not in proc.stdout + proc.stderr
     for needle in needles:
         assert needle in text, f"{needle!r} not in:\n{proc.stdout}"
-    assert databases(pg) == dbs_before, "something was staged or renamed"
+    assert pg.databases() == dbs_before, "something was staged or renamed"
     if before_dry_run:
         assert "Dry-run each restore" not in proc.stdout, "refused only after the dry-run"
     return text
 
 
 def test_refuses_unclear_requests(pg: PgServer, inventory: Path, hoge_db: str):
-    dbs = databases(pg)
+    dbs = pg.databases()
     refused(pg, playbook(inventory, "restore"), dbs, "Name the database")
 
 
 def test_refuses_a_set_with_a_database_mapped_to_a_host_outside_the_play(pg: PgServer, inventory: Path, hoge_db: str):
-    dbs = databases(pg)
+    dbs = pg.databases()
     proc = playbook(inventory, "restore", "-e", "dbs=shard_a,shard_b", "-e", '{"restore_db_hosts": {"shard_b": "db9"}}')
     refused(pg, proc, dbs, "restore_db_hosts maps shard_b to db9, not a host of this play (localhost): fix "
             "restore_db_hosts or db_hosts (and --limit).")  # fmt: skip
 
 
 def test_refuses_a_missing_backup_directory(pg: PgServer, inventory: Path, hoge_db: str, tmp_path: Path):
-    dbs, missing = databases(pg), tmp_path / "no-such-dir"
+    dbs, missing = pg.databases(), tmp_path / "no-such-dir"
     proc = playbook(inventory, "restore", "-e", "db=hoge_db", "-e", f"restore_backup_dir={missing}")
     refused(pg, proc, dbs, f"The backup directory {missing} does not exist on localhost",
             "set restore_backup_dir", "create it", "-e dump=PATH")  # fmt: skip
 
 
 def test_refuses_a_database_without_a_dump(pg: PgServer, inventory: Path, hoge_db: str, backups: Path):
-    dbs = databases(pg)
+    dbs = pg.databases()
     proc = playbook(inventory, "restore", "-e", "db=nothing_backed_up")
     refused(pg, proc, dbs, f"No dump of nothing_backed_up in {backups} on localhost",
             "nothing_backed_up.*", "restore_dump_pattern", "-e dump=PATH")  # fmt: skip
@@ -234,7 +229,7 @@ def test_refuses_a_database_without_a_dump(pg: PgServer, inventory: Path, hoge_d
 
 
 def test_refuses_a_missing_named_dump(pg: PgServer, inventory: Path, hoge_db: str, tmp_path: Path):
-    dbs, missing = databases(pg), tmp_path / "hoge_db.missing.dump"
+    dbs, missing = pg.databases(), tmp_path / "hoge_db.missing.dump"
     proc = playbook(inventory, "restore", "-e", "db=hoge_db", "-e", f"dump={missing}")
     refused(pg, proc, dbs, f"The dump {missing} of hoge_db does not exist on localhost", "-e dump=",
             before_dry_run=False)  # fmt: skip
@@ -255,7 +250,7 @@ def test_refuses_an_unreadable_dump(pg: PgServer, inventory: Path, hoge_db: str,
             become = {"ansible_become": True, "ansible_become_user": pg.os_user,
                       "ansible_become_method": "ansible.builtin.su", "ansible_become_flags": "-s /bin/sh"}  # fmt: skip
             extra += ["-e", json.dumps({**become, "ansible_python_interpreter": system_python})]
-        dbs = databases(pg)
+        dbs = pg.databases()
         proc = playbook(inventory, "restore", *extra, env={"ANSIBLE_PIPELINING": "1"})
         refused(pg, proc, dbs, f"The dump {dump} of hoge_db cannot be read by the user the play runs as",
                 "Make it readable", before_dry_run=False)  # fmt: skip
@@ -268,7 +263,7 @@ def test_refuses_an_unreadable_dump(pg: PgServer, inventory: Path, hoge_db: str,
 
 def test_numbers_from_extra_vars(pg: PgServer, inventory: Path, hoge_db: str):
     # a string from -e is a number: a margin of 100000 times the live size cannot fit
-    dbs = databases(pg)
+    dbs = pg.databases()
     proc = playbook(inventory, "restore", "-e", "db=hoge_db", "-e", "restore_space_margin=100000")
     refused(pg, proc, dbs, "Not enough free space for strategy=swap", "restore_space_margin 100000.0",
             before_dry_run=False)  # fmt: skip
@@ -428,7 +423,7 @@ def test_web_trigger_validates_then_restores(pg: PgServer, hoge_db: str, backups
     for argv in refused:
         code, answer = trigger(module, *argv)
         assert code == 2 and not answer["ok"] and answer["error"], argv
-    assert fingerprint_db(pg, hoge_db) == before and not [d for d in databases(pg) if d.startswith("hoge_db_prev_")]
+    assert fingerprint_db(pg, hoge_db) == before and not [d for d in pg.databases() if d.startswith("hoge_db_prev_")]
 
     code, answer = trigger(module, "hoge_db")
     assert code == 0 and answer["ok"] and answer["changed"] and answer["dump"] == "hoge_db.2026-11-24.dump"

@@ -20,11 +20,6 @@ pytestmark = pytest.mark.edge_majors
 DEBIAN_15_BIN = Path("/usr/lib/postgresql/15/bin")
 
 
-def databases(pg: PgServer) -> set[str]:
-    pg.pruned()
-    return {r[0] for r in pg.sql("SELECT datname FROM pg_database")}
-
-
 def restore(pg: PgServer, db: str, src: Path, check_mode: bool, params=None, **kw):
     req = RestoreRequest(db=db, src=str(src), **{"bindir": str(client_bindir()), **kw})
     return restore_database(params or pg.params(), req, check_mode=check_mode)
@@ -54,10 +49,10 @@ def test_truncated_dump_fails_before_staging(pg: PgServer, dumps, live_db: str, 
     data = dumps["chinook"]["custom"].read_bytes()
     cut = tmp_path / "cut.dump"
     cut.write_bytes(data[: len(data) * 2 // 3])
-    before, started = databases(pg), time.monotonic()
+    before, started = pg.databases(), time.monotonic()
     with pytest.raises(PgOpsError, match="is not readable") as err:
         restore(pg, live_db, cut, check_mode, strategy="replace" if not check_mode else "swap")
-    assert databases(pg) == before and time.monotonic() - started < 20
+    assert pg.databases() == before and time.monotonic() - started < 20
     assert not err.value.details["changed"] and err.value.details["steps_done"] == []
 
 
@@ -65,11 +60,11 @@ def test_truncated_dump_fails_before_staging(pg: PgServer, dumps, live_db: str, 
 def test_role_without_createdb_is_told_before_staging(pg: PgServer, dumps, live_db: str, role, check_mode: bool):
     login = role("no_createdb")
     pg.sql(sql.SQL("ALTER DATABASE {} OWNER TO no_createdb").format(sql.Identifier(live_db)))
-    before = databases(pg)
+    before = pg.databases()
     with pytest.raises(PgOpsError, match=r'may not create databases: ALTER ROLE "no_createdb" CREATEDB'):
         restore(pg, live_db, dumps["chinook"]["custom"], check_mode, params=pg.params(**login),
                 tool_args=("--no-owner", "--no-privileges"))  # fmt: skip
-    assert databases(pg) == before
+    assert pg.databases() == before
 
 
 @pytest.mark.parametrize("check_mode", [True, False], ids=["check", "run"])
@@ -79,12 +74,12 @@ def test_owner_without_pg_signal_backend_is_told_before_staging(pg: PgServer, du
     role("other_app")
     pg.sql(sql.SQL("ALTER DATABASE {} OWNER TO db_owner").format(sql.Identifier(live_db)))
     pg.sql(sql.SQL("GRANT CONNECT ON DATABASE {} TO other_app").format(sql.Identifier(live_db)))
-    before = databases(pg)
+    before = pg.databases()
     with pg.connect(live_db, user="other_app", password="pw"):
         with pytest.raises(PgOpsError, match=r"may not end the sessions of other_app .*GRANT pg_signal_backend"):
             restore(pg, live_db, dumps["chinook"]["custom"], check_mode, params=pg.params(**login),
                     tool_args=("--no-owner", "--no-privileges"))  # fmt: skip
-    assert databases(pg) == before
+    assert pg.databases() == before
 
 
 def test_dump_owners_that_cannot_be_set_are_named(pg: PgServer, dumps, live_db: str, role):
@@ -148,7 +143,7 @@ def test_prepared_transactions_and_slots_block_before_staging(pg: PgServer, dump
         problems = " ".join(err.value.details["problems"])
         assert "prepared transactions pending-payment" in problems and "ROLLBACK PREPARED" in problems
         assert "logical replication slots cdc" in problems
-        assert "shop_pgops_staging" not in databases(server)
+        assert "shop_pgops_staging" not in server.databases()
     finally:
         server.sql("ROLLBACK PREPARED 'pending-payment'", dbname="shop")
         server.destroy()

@@ -42,11 +42,6 @@ def restore(pg: PgServer, db: str, src: Path | str | None = None, **kw):
                                                         bindir=str(client_bindir()), **kw))  # fmt: skip
 
 
-def databases(pg: PgServer) -> set[str]:
-    pg.pruned()
-    return {r[0] for r in pg.sql("SELECT datname FROM pg_database")}
-
-
 def allows_connections(pg: PgServer, db: str) -> bool:
     return pg.sql("SELECT datallowconn FROM pg_database WHERE datname = %s", (db,)) == [(True,)]
 
@@ -69,7 +64,7 @@ def previous_copies(pg: PgServer, db: str) -> list[str]:
 def ours(pg: PgServer, db: str) -> set[str]:
     """Every database named after db: the live one, its staging, previous and undone copies."""
     base = name_base(db)
-    return {n for n in databases(pg) if n == db or n.startswith(base + "_")}
+    return {n for n in pg.databases() if n == db or n.startswith(base + "_")}
 
 
 def no_stamps(steps: list[str]) -> list[str]:
@@ -83,13 +78,13 @@ def no_stamps(steps: list[str]) -> list[str]:
 def test_every_format_restores_chinook_exactly(pg: PgServer, dumps, live_db: str, fmt: str):
     expected = fingerprint_db(pg, "chinook_source")
     res = restore(pg, live_db, dumps["chinook"][fmt])
-    assert res.changed and res.format == fmt and res.previous_db in databases(pg)
+    assert res.changed and res.format == fmt and res.previous_db in pg.databases()
     assert fingerprint_db(pg, live_db) == expected
     assert res.marker_before is None
     assert (
         res.marker_after["sha256"] == res.sha256 and res.marker_after["format"] == fmt and "writes" in res.marker_after
     )
-    assert staging_name(live_db) not in databases(pg) and allows_connections(pg, live_db)
+    assert staging_name(live_db) not in pg.databases() and allows_connections(pg, live_db)
     assert set(res.phases_ms) == {"lock", "inspect", "preflight", "stage", "verify", "switch", "total"}
     assert res.steps_done == res.plan and len(res.plan) == 3  # stage, verify, switch: nothing to prune yet
     assert res.created == [staging_name(live_db)] and res.dropped == []
@@ -118,7 +113,7 @@ def test_chinook_original_sql_with_its_own_create_database(pg: PgServer, live_db
     assert res.format == "plain"
     assert res.stripped_statements == ["DROP DATABASE IF EXISTS chinook;", "CREATE DATABASE chinook;", "\\c chinook;"]
     assert fingerprint_db(pg, live_db) == fingerprint_db(pg, "chinook_source")
-    assert "chinook" not in databases(pg)
+    assert "chinook" not in pg.databases()
 
 
 def test_plain_dump_with_backslash_lines_in_quoted_text_loads(pg: PgServer, live_db: str, tmp_path: Path):
@@ -149,13 +144,13 @@ def test_plain_dump_meta_command_never_runs(pg: PgServer, dumps, live_db: str, t
     at = next(i for i, ln in enumerate(lines) if ln.startswith("CREATE TABLE"))
     planted = tmp_path / "planted.sql"
     planted.write_text("".join([*lines[:at], f"\\! touch {pwned}\n", *lines[at:]]))
-    before, dbs = fingerprint_db(pg, live_db), databases(pg)
+    before, dbs = fingerprint_db(pg, live_db), pg.databases()
     with pytest.raises(PgOpsError, match=r"psql exited with 3: .*backslash commands are restricted") as err:
         restore(pg, live_db, planted)
     assert f"psql:<stdin>:{at + 1}: error" in str(err.value), "the error does not name the dump's line"
     assert not pwned.exists(), "the dump ran a shell command"
     assert err.value.details["changed"] is False
-    assert fingerprint_db(pg, live_db) == before and databases(pg) == dbs
+    assert fingerprint_db(pg, live_db) == before and pg.databases() == dbs
 
 
 # --- failures: the live database is never lost, and the error tells what was done -----------------
@@ -188,7 +183,7 @@ def _broken_dumps(dumps, tmp: Path) -> dict[str, tuple[Path, str]]:
 def test_bad_dump_loses_nothing(pg: PgServer, dumps, live_db: str, tmp_path: Path, case: str, strategy: str):
     path, expect = _broken_dumps(dumps, tmp_path)[case]
     before = fingerprint_db(pg, live_db)
-    dbs = databases(pg)
+    dbs = pg.databases()
     if strategy == "replace" and case == "bad sql":
         # the dump reads fine and fails only while it loads: replace had dropped the live database by then
         with pytest.raises(PgOpsError, match=rf'"{re.escape(live_db)}" was dropped before the restore') as err:
@@ -198,7 +193,7 @@ def test_bad_dump_loses_nothing(pg: PgServer, dumps, live_db: str, tmp_path: Pat
         assert got["changed"] is True and got["dropped"] == [live_db]
         assert got["steps_done"] == [f'close and clear "{live_db}" (allow_connections) and drop it']
         assert any("strategy=replace" in line for line in got["log"])
-        assert databases(pg) == dbs - {live_db}, "a staging copy was left behind"
+        assert pg.databases() == dbs - {live_db}, "a staging copy was left behind"
         return
     with pytest.raises(PgOpsError, match=re.escape(expect)) as err:
         restore(pg, live_db, path, strategy=strategy)
@@ -208,7 +203,7 @@ def test_bad_dump_loses_nothing(pg: PgServer, dumps, live_db: str, tmp_path: Pat
         assert got["steps_done"] == [] and "stage" in got["phases_ms"]
         assert any(staging_name(live_db) in line for line in got["log"]), "the log does not say what was done"
     assert fingerprint_db(pg, live_db) == before, "the live database changed"
-    assert databases(pg) == dbs, "a staging or previous copy was left behind"
+    assert pg.databases() == dbs, "a staging or previous copy was left behind"
     assert allows_connections(pg, live_db)
 
 
@@ -220,7 +215,7 @@ def test_swap_failing_in_verify_switches_nothing(pg: PgServer, dumps, live_db: s
     assert got["changed"] is False and got["created"] == [] and got["renamed"] == []
     assert got["steps_done"] == [f'create "{staging_name(live_db)}" and restore the custom dump into it']
     assert got["log"] and "stage" in got["phases_ms"] and "verify" in got["phases_ms"]
-    assert fingerprint_db(pg, live_db) == before and staging_name(live_db) not in databases(pg)
+    assert fingerprint_db(pg, live_db) == before and staging_name(live_db) not in pg.databases()
     assert allows_connections(pg, live_db)
     res = restore(pg, live_db, dumps["chinook"]["custom"], verify_query="SELECT count(*) > 0 FROM track")
     assert res.changed and invoice_lines(pg, live_db) == 2240
@@ -231,7 +226,7 @@ def test_replace_failing_in_verify_reports_the_dropped_database(pg: PgServer, du
         restore(pg, live_db, dumps["chinook"]["custom"], strategy="replace", verify_query="SELECT false")
     got = err.value.details
     assert got["changed"] is True and got["dropped"] == [live_db] and len(got["steps_done"]) == 2
-    assert got["log"] and live_db not in databases(pg) and staging_name(live_db) not in databases(pg)
+    assert got["log"] and live_db not in pg.databases() and staging_name(live_db) not in pg.databases()
 
 
 @pytest.mark.parametrize("kind", ["swap", "rollback"])
@@ -245,7 +240,7 @@ def test_switch_failing_at_wait_timeout_is_reported_honestly(pg: PgServer, dumps
         pg.sql("INSERT INTO genre (genre_id, name) VALUES (9001, 'after the restore')", dbname=live_db)
     pg.sql(sql.SQL("GRANT CONNECT ON DATABASE {} TO pg_monitor").format(sql.Identifier(live_db)))
     acls = "SELECT datname, datacl::text FROM pg_database ORDER BY 1"
-    before, acl, dbs = fingerprint_db(pg, live_db), pg.sql(acls), databases(pg)
+    before, acl, dbs = fingerprint_db(pg, live_db), pg.sql(acls), pg.databases()
     with storm_for(pg, live_db, clients=10) as storm:
         storm.wait_connected()
         with pytest.raises(PgOpsError, match=r"still on .* after wait_timeout=1s") as err:
@@ -260,7 +255,7 @@ def test_switch_failing_at_wait_timeout_is_reported_honestly(pg: PgServer, dumps
     assert got["terminated"], "sessions were ended before the timeout: the result must list them"
     assert got["changed"] is True, "sessions were ended: something is different now"
     assert got["log"]
-    assert fingerprint_db(pg, live_db) == before and databases(pg) == dbs
+    assert fingerprint_db(pg, live_db) == before and pg.databases() == dbs
     assert allows_connections(pg, live_db) and pg.sql(acls) == acl
 
 
@@ -283,13 +278,13 @@ def test_same_dump_is_a_no_op_unless_forced(pg: PgServer, dumps, live_db: str):
     src = dumps["chinook"]["custom"]
     first = restore(pg, live_db, src)
     assert first.changed and invoice_lines(pg, live_db) == 2240
-    dbs = databases(pg)
+    dbs = pg.databases()
     t = time.monotonic()
     second = restore(pg, live_db, src)
     assert not second.changed and time.monotonic() - t < 5
     assert second.plan == [] and second.steps_done == [] and second.created == [] and second.renamed == []
     assert second.marker_before is not None and second.marker_before == second.marker_after == first.marker_after
-    assert any("already holds this dump" in line for line in second.log) and databases(pg) == dbs
+    assert any("already holds this dump" in line for line in second.log) and pg.databases() == dbs
 
     pg.sql("INSERT INTO genre (genre_id, name) VALUES (9002, 'written after the first restore')", dbname=live_db)
     forced = restore(pg, live_db, src, force=True)
@@ -338,7 +333,7 @@ def test_rollback_brings_the_old_rows_back(pg: PgServer, dumps, live_db: str):
     assert invoice_lines(pg, live_db) == 0
     assert genre(pg, live_db, 9999) == [("only in the live db",)]
     assert allows_connections(pg, live_db)
-    undone = [d for d in databases(pg) if "_undone_" in d]
+    undone = [d for d in pg.databases() if "_undone_" in d]
     assert len(undone) == 1 and res.previous_db == back.previous_db
     assert back.renamed == [f"{live_db} -> {undone[0]}", f"{res.previous_db} -> {live_db}"]
     assert not allows_connections(pg, undone[0])  # the restored copy is kept, closed, not lost
@@ -349,16 +344,16 @@ def test_only_recorded_copies_are_previous_copies(pg: PgServer, dumps, live_db: 
     planted = f"{name_base(live_db)}_prev_29991231T235959999Z"
     pg.sql(sql.SQL("CREATE DATABASE {} TEMPLATE chinook_source").format(sql.Identifier(planted)))
     res = restore(pg, live_db, dumps["chinook"]["custom"], keep_previous=1)
-    assert previous_copies(pg, live_db) == [res.previous_db] and planted in databases(pg)
+    assert previous_copies(pg, live_db) == [res.previous_db] and planted in pg.databases()
     restore(pg, live_db, rollback=True)
-    assert invoice_lines(pg, live_db) == 0 and planted in databases(pg)
+    assert invoice_lines(pg, live_db) == 0 and planted in pg.databases()
 
 
 def test_keep_previous(pg: PgServer, dumps, live_db: str):
     made = [
         restore(pg, live_db, dumps["chinook"][fmt], keep_previous=2).previous_db for fmt in ("custom", "tar", "plain")
     ]
-    assert previous_copies(pg, live_db) == [made[2], made[1]] and made[0] not in databases(pg)
+    assert previous_copies(pg, live_db) == [made[2], made[1]] and made[0] not in pg.databases()
     res = restore(pg, live_db, dumps["chinook"]["directory"], keep_previous=0)
     assert previous_copies(pg, live_db) == [] and sorted(res.dropping) == sorted([made[2], made[1], res_prev(res)])
     assert res.rollback == {} and res.previous_db == "" and res.rollback_sql == []
@@ -374,7 +369,7 @@ def test_old_copies_are_dropped_after_the_run_returns(pg: PgServer, dumps, live_
     assert any(f'dropping old copy "{first.previous_db}" after this run returns' in line for line in second.log)
     left = pg.sql("SELECT datallowconn FROM pg_database WHERE datname = %s", (first.previous_db,))
     assert left in ([], [(False,)]), "the copy handed to the background drop is still open"
-    assert previous_copies(pg, live_db) == [second.previous_db] and first.previous_db not in databases(pg)
+    assert previous_copies(pg, live_db) == [second.previous_db] and first.previous_db not in pg.databases()
     for table in ("restored", "copies", "blocks"):
         query = sql.SQL("SELECT count(*) FROM pgops_dbrestore.{} WHERE datoid = %s").format(sql.Identifier(table))
         assert pg.sql(query, (oid,)) == [(0,)], f"a record of the dropped copy is left in {table}"
@@ -406,7 +401,7 @@ def test_old_copies_are_dropped_in_the_run_when_no_session_can_take_them(pg: PgS
     monkeypatch.setattr(pruner, "_DROP_SCRIPT", "import sys; sys.exit(1)")
     second = restore(pg, live_db, dumps["chinook"]["tar"])
     assert second.dropped == [first.previous_db] and second.dropping == []
-    assert first.previous_db not in databases(pg) and previous_copies(pg, live_db) == [second.previous_db]
+    assert first.previous_db not in pg.databases() and previous_copies(pg, live_db) == [second.previous_db]
 
 
 def res_prev(res) -> str:
@@ -488,13 +483,13 @@ def test_staged_set_switches_only_when_all_staged(pg: PgServer, dumps, live_db: 
     broken.write_bytes(dumps["chinook"]["custom"].read_bytes()[:20000])
     try:
         staged = restore(pg, live_db, dumps["chinook"]["custom"], phase="stage")
-        assert staged.staged and staged.changed and staging_name(live_db) in databases(pg)
+        assert staged.staged and staged.changed and staging_name(live_db) in pg.databases()
         with pytest.raises(PgOpsError, match="pg_restore exited with 1"):
             restore(pg, second, broken, phase="stage")
         for db in (live_db, second):
             restore(pg, db, phase="abort")
         assert invoice_lines(pg, live_db) == 0 and invoice_lines(pg, second) == 0
-        assert not [d for d in databases(pg) if d.endswith("_pgops_staging")]
+        assert not [d for d in pg.databases() if d.endswith("_pgops_staging")]
 
         for db in (live_db, second):
             assert restore(pg, db, dumps["chinook"]["tar"], phase="stage").staged
@@ -539,13 +534,13 @@ def test_swap_with_the_restart_fallback(pg: PgServer, dumps, live_db: str):
 
 def test_check_mode_reports_the_steps_the_run_walks(pg: PgServer, dumps, live_db: str):
     restore(pg, live_db, dumps["chinook"]["custom"])  # a previous copy exists: the plan prunes it
-    before, dbs = fingerprint_db(pg, live_db), databases(pg)
+    before, dbs = fingerprint_db(pg, live_db), pg.databases()
     checked = restore_database(pg.params(), RestoreRequest(db=live_db, src=str(dumps["chinook"]["tar"]),
                                                            bindir=str(client_bindir())), check_mode=True)  # fmt: skip
     assert checked.changed and checked.format == "tar" and checked.steps_done == []
     assert checked.diff["before"]["marker"]["format"] == "custom"
     assert checked.diff["after"]["marker"]["format"] == "tar"
-    assert fingerprint_db(pg, live_db) == before and databases(pg) == dbs
+    assert fingerprint_db(pg, live_db) == before and pg.databases() == dbs
     done = restore(pg, live_db, dumps["chinook"]["tar"])
     assert no_stamps(done.steps_done) == no_stamps(checked.plan) and len(checked.plan) == 4
     assert [s.split(" ")[0] for s in checked.plan] == ["create", "verify", "close", "drop"]
@@ -586,7 +581,7 @@ def test_concurrent_runs_one_gets_the_lock_error(pg: PgServer, dumps, live_db: s
 
     worker = threading.Thread(target=first)
     worker.start()
-    _wait_for(lambda: staging_name(live_db) in databases(pg))
+    _wait_for(lambda: staging_name(live_db) in pg.databases())
     with pytest.raises(PgOpsError, match=r"another restore of database .* is running") as err:
         restore(pg, live_db, dumps["chinook"]["custom"])
     assert err.value.sqlstate == LOCK_NOT_AVAILABLE and err.value.details["changed"] is False
@@ -611,7 +606,7 @@ def test_long_database_name_fits(pg: PgServer, dumps):
     try:
         restore(pg, db, dumps["chinook"]["plain"])
         res = restore(pg, db, dumps["chinook"]["custom"])
-        assert len(res.previous_db.encode()) <= 63 and res.previous_db in databases(pg)
+        assert len(res.previous_db.encode()) <= 63 and res.previous_db in pg.databases()
         back = restore(pg, db, rollback=True)
         assert back.changed and all(len(n.encode()) <= 63 for n in ours(pg, db))
         assert len(ours(pg, db)) == 2  # the live one and the undone copy
@@ -659,15 +654,15 @@ def test_killed_at_a_named_step_leaves_a_working_database(pg: PgServer, dumps, l
         storm.wait_connected(timeout=30)  # the app works against whichever copy holds the name now
     switched = point in ("switched", "prune")
     assert fingerprint_db(pg, live_db) == (new if switched else old), f"killed before {point}: wrong data"
-    assert (staging in databases(pg)) == (point in ("verify", "switch")), "unexpected staging copy"
+    assert (staging in pg.databases()) == (point in ("verify", "switch")), "unexpected staging copy"
     assert allows_connections(pg, live_db)
 
     wait_lock_free(pg)
     nxt = restore(pg, live_db, src, force=True)
     assert nxt.changed and (staging in nxt.dropped) == (point in ("verify", "switch"))
     assert fingerprint_db(pg, live_db) == new and allows_connections(pg, live_db)
-    assert staging not in databases(pg) and previous_copies(pg, live_db) == [nxt.previous_db]
-    assert first.previous_db not in databases(pg), "the copy the killed run was to prune is still there"
+    assert staging not in pg.databases() and previous_copies(pg, live_db) == [nxt.previous_db]
+    assert first.previous_db not in pg.databases(), "the copy the killed run was to prune is still there"
     assert ours(pg, live_db) == {live_db, nxt.previous_db}, "a copy was left behind"
 
 
@@ -694,7 +689,7 @@ def test_killed_while_pg_restore_writes_then_next_run_cleans_up(pg: PgServer, du
 
 def _pgbench_dump(pg: PgServer, dest: Path, scale: int) -> None:
     db = f"pgbench_s{scale}"
-    if db not in databases(pg):
+    if db not in pg.databases():
         pg.sql(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(db)))
         subprocess.run([str(client_bindir() / "pgbench"), "-i", "-q", "-s", str(scale), db], env=pg.client_env(),
                        check=True, capture_output=True)  # fmt: skip

@@ -18,7 +18,6 @@ from ansible_collections.pgops.dbrestore.plugins.module_utils.operation import P
 from tests.harness.ansible_run import PLAYBOOK, ansible_env, run_module
 from tests.harness.pg import PgServer, client_bindir
 from tests.integration.conftest import fingerprint_db
-from tests.integration.test_restore import databases
 from tests.integration.test_terminate import allows_connections, can_connect, datacl, roles, storm_for
 
 MODULE = "pgops.dbrestore.pg_restore_db"
@@ -119,7 +118,7 @@ def test_playbook_revoke_connect_shuts_the_app_out_only_for_the_switch(
         try:
             pid = wait_paused(proc, pid_file)
             # paused right after the renames: the database the app was using is closed to it
-            prev = [d for d in databases(pg) if d.startswith(f"{name_base(live_db)}_prev_")]
+            prev = [d for d in pg.databases() if d.startswith(f"{name_base(live_db)}_prev_")]
             assert len(prev) == 1 and not can_connect(pg, prev[0], app)
             assert allows_connections(pg, prev[0]), "revoke_connect must not touch datallowconn"
             # the workers, reconnecting at once, are refused for want of CONNECT; a connection racing the

@@ -69,11 +69,6 @@ def app_is_superuser(pg: PgServer) -> bool:
     return pg.sql("SELECT rolsuper FROM pg_roles WHERE rolname = %s", (APP,))[0][0]
 
 
-def databases(pg: PgServer) -> set[str]:
-    pg.pruned()
-    return {r[0] for r in pg.sql("SELECT datname FROM pg_database")}
-
-
 @pytest.fixture
 def rails(pg: PgServer, tmp_path: Path):
     """Production's dump (tables owned by the app's role) and the staging database it refreshes."""
@@ -86,7 +81,7 @@ def rails(pg: PgServer, tmp_path: Path):
     scrub = tmp_path / "scrub_users.sql"
     scrub.write_text(doc_block("sql"))
     yield make_dump(pg, PROD, "custom", tmp_path / "production.dump"), scrub
-    for name in databases(pg):
+    for name in pg.databases():
         if name.startswith(("rails_",)):
             drop_database(pg, name)
     pg.sql(sql.SQL("DROP OWNED BY {} CASCADE").format(sql.Identifier(APP)))
@@ -123,7 +118,7 @@ def test_failing_script_leaves_the_live_database_untouched(pg: PgServer, rails):
     assert err.value.sqlstate == "42703"
     assert [s["name"] for s in err.value.details["sanitized"]] == [str(scrub)]  # the one that ran, timed
     assert app_sql(pg, "SELECT email FROM users") == [("old-staging@example.invalid",)]
-    assert staging_name(STAGING) not in databases(pg)
+    assert staging_name(STAGING) not in pg.databases()
     assert err.value.details["created"] == [] and err.value.details["renamed"] == []
 
 
@@ -143,7 +138,7 @@ def test_script_cannot_gain_the_login_roles_rights(pg: PgServer, rails, attack: 
     assert err.value.sqlstate == INSUFFICIENT_PRIVILEGE
     assert not app_is_superuser(pg)
     assert app_sql(pg, "SELECT email FROM users") == [("old-staging@example.invalid",)]
-    assert staging_name(STAGING) not in databases(pg)
+    assert staging_name(STAGING) not in pg.databases()
 
 
 def test_check_mode_finds_unreadable_scripts_and_a_superuser_owner(pg: PgServer, rails, tmp_path: Path):
@@ -153,7 +148,7 @@ def test_check_mode_finds_unreadable_scripts_and_a_superuser_owner(pg: PgServer,
         restore(pg, dump, check_mode=True, sanitize=[str(scrub), str(missing)])
     with pytest.raises(PgOpsError, match='"postgres", a superuser: sanitize scripts never run with superuser'):
         restore(pg, dump, check_mode=True, sanitize=[str(scrub)], owner="postgres")
-    assert staging_name(STAGING) not in databases(pg)
+    assert staging_name(STAGING) not in pg.databases()
 
 
 def test_records_made_before_sanitize_existed_gain_its_column(pg: PgServer, rails):

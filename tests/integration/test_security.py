@@ -69,11 +69,6 @@ def acl(pg: PgServer, db: str = DB) -> str | None:
     return pg.sql("SELECT datacl::text FROM pg_database WHERE datname = %s", (db,))[0][0]
 
 
-def databases(pg: PgServer) -> set[str]:
-    pg.pruned()
-    return {r[0] for r in pg.sql("SELECT datname FROM pg_database")}
-
-
 def restore(pg: PgServer, src: Path | None = None, check_mode: bool = False, **kw):
     req = RestoreRequest(db=DB, src=str(src) if src else None, bindir=str(client_bindir()), **kw)
     return restore_database(pg.params(), req, check_mode=check_mode)
@@ -88,7 +83,7 @@ def shop(pg: PgServer, tmp_path: Path):
     app_sql(pg, sql.SQL("ALTER DATABASE {} SET search_path = public, pg_catalog").format(sql.Identifier(DB)))
     dump = make_dump(pg, DB, "custom", tmp_path / "shop.dump")
     yield dump
-    for name in databases(pg):
+    for name in pg.databases():
         if name.startswith(DB):
             drop_database(pg, name)
     pg.sql(sql.SQL("DROP OWNED BY {} CASCADE").format(sql.Identifier(APP)))
@@ -110,7 +105,7 @@ def test_search_path_and_verify_query_traps_give_the_app_nothing(pg: PgServer, s
 def test_verify_query_runs_as_the_owner_not_the_login_role(pg: PgServer, shop: Path):
     with pytest.raises(PgOpsError, match="verify_query failed on the restored copy: permission denied"):
         restore(pg, shop, force=True, verify_query="SELECT count(*) > 0 FROM pg_authid")
-    assert DB in databases(pg) and f"{DB}_pgops_staging" not in databases(pg)
+    assert DB in pg.databases() and f"{DB}_pgops_staging" not in pg.databases()
 
 
 @pytest.mark.parametrize(
@@ -128,7 +123,7 @@ def test_plain_dump_meta_commands_never_run(pg: PgServer, shop: Path, tmp_path: 
     with pytest.raises(PgOpsError, match=r"meta-command|restricted|psql exited"):
         restore(pg, evil)
     assert not marker.exists()
-    assert app_sql(pg, "SELECT count(*) FROM orders") == before and f"{DB}_pgops_staging" not in databases(pg)
+    assert app_sql(pg, "SELECT count(*) FROM orders") == before and f"{DB}_pgops_staging" not in pg.databases()
 
 
 def test_dump_swapped_after_it_was_opened_is_not_what_loads(pg: PgServer, shop: Path, tmp_path: Path):
@@ -202,17 +197,17 @@ def test_planted_previous_copy_is_neither_dropped_nor_rolled_in(pg: PgServer, sh
     app_sql(pg, sql.SQL("CREATE DATABASE {}").format(sql.Identifier(planted)), dbname="postgres")
     app_sql(pg, "CREATE TABLE attacker (x int)", dbname=planted)
     second = restore(pg, shop, force=True)  # keep_previous=1 drops the older real copy, not the planted one
-    assert planted in databases(pg) and first.previous_db in second.dropping
+    assert planted in pg.databases() and first.previous_db in second.dropping
     restore(pg, rollback=True)
     assert app_sql(pg, "SELECT to_regclass('public.attacker') IS NULL") == [(True,)]
-    assert planted in databases(pg)
+    assert planted in pg.databases()
 
 
 def test_planted_staging_database_is_refused_not_used(pg: PgServer, shop: Path):
     app_sql(pg, sql.SQL("CREATE DATABASE {}").format(sql.Identifier(f"{DB}_pgops_staging")), dbname="postgres")
     with pytest.raises(PgOpsError, match=r"pgops\.dbrestore did not make"):
         restore(pg, shop, force=True)
-    assert f"{DB}_pgops_staging" in databases(pg)
+    assert f"{DB}_pgops_staging" in pg.databases()
 
 
 def test_unprivileged_lock_holder_does_not_block_a_restore(pg: PgServer, shop: Path):
