@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from ansible_collections.pgops.dbrestore.plugins.module_utils.archive import CustomArchive, NotReadableHere
 from ansible_collections.pgops.dbrestore.plugins.module_utils.dumpfile import DumpSource, PlainFilter, _FdReader
 from ansible_collections.pgops.dbrestore.plugins.module_utils.parallel import (
     PlainSplit,
@@ -63,6 +64,15 @@ class LoadOptions:
     split: frozenset[tuple[str, str]] = frozenset()
     split_bytes: int = 0  # a source's tables of at least this size are loaded by `jobs` COPY sessions each (stream.py)
     split_loaded: list[str] = field(default_factory=list)  # filled in: the tables that were loaded split
+    split_read_here: list[str] = field(default_factory=list)  # of those, the ones read out of the archive here
+
+    def split_read_how(self) -> str:
+        """How the split tables' rows were read, for the log: out of the archive here, or through pg_restore."""
+        if not self.split_read_here:
+            return ""  # a plain dump's, or pg_restore's (lz4/zstd, data without offsets)
+        if self.split_read_here == self.split_loaded:
+            return ", read from the archive here"
+        return f", {', '.join(self.split_read_here)} read from the archive here"
 
 
 def conninfo_for(dbname: str) -> str:
@@ -174,7 +184,7 @@ def restore_into(
         with dump.plain_stream() as stream:
             if progress is not None:
                 progress.totals(None, None, dump.size)
-                progress.plain_read = _position(stream)
+                progress.own_read = _position(stream)
                 flt.watch = progress.plain_chunk
             try:
                 if opts.split and opts.jobs > 1 and not opts.tool_args:
@@ -246,11 +256,20 @@ def _restore_split(
 
         others = threading.Thread(target=rest, name="pgops-restore-data", daemon=True)
         others.start()
+        archive, read_here = _custom_archive(dump), []
+        if progress is not None:
+            progress.own_read = lambda: sum(data.read for data in read_here)
         try:
             for schema, table in chosen:
-                argv = [pg_restore, "--data-only", "-n", schema, "-t", table, "-f", "-", dump.child_path]
                 split = SplitCopy(params, dbname, opts.jobs, settings)
-                split.run(argv, env, fds, schema, table, on_start=watch.get("on_start"))
+                data = archive.table_data(schema, table) if archive is not None else None
+                if data is not None:
+                    read_here.append(data)
+                    split.load(data, schema, table)
+                    opts.split_read_here.append(f"{schema}.{table}")
+                else:
+                    argv = [pg_restore, "--data-only", "-n", schema, "-t", table, "-f", "-", dump.child_path]
+                    split.run(argv, env, fds, schema, table, on_start=watch.get("on_start"))
                 opts.split_loaded.append(f"{schema}.{table}")
                 if progress is not None:
                     progress.table_loaded()
@@ -262,6 +281,16 @@ def _restore_split(
     if progress is not None:
         progress.loaded()
     return []
+
+
+def _custom_archive(dump: DumpSource) -> CustomArchive | None:
+    """The custom archive's TOC, for reading large tables here; None when pg_restore must read them."""
+    if dump.format != "custom":
+        return None
+    try:
+        return CustomArchive(dump.fd)
+    except (NotReadableHere, OSError):
+        return None
 
 
 def _position(stream: Any) -> Callable[[], int] | None:

@@ -51,6 +51,9 @@ _SETTING = re.compile(
 # are read (encoding, XML), how long they may take, and what the table's triggers and checks resolve names in
 COPY_SETTINGS = ("client_encoding", "xmloption", "statement_timeout", "lock_timeout",
                  "idle_in_transaction_session_timeout", "row_security", "search_path")  # fmt: skip
+# what pg_restore sets in each of its sessions before the dump's own settings (its "fixed output state")
+PG_RESTORE_FIXED = {"statement_timeout": "0", "lock_timeout": "0", "idle_in_transaction_session_timeout": "0",
+                    "xmloption": "content", "row_security": "off"}  # fmt: skip
 
 
 def dump_setting(line: bytes) -> tuple[str, str] | None:
@@ -200,6 +203,15 @@ class SplitCopy:
         if code != 0:
             raise PgOpsError(f"pg_restore exited with {code} reading table {schema}.{table}: {tail(message)}")
         return loaded
+
+    def load(self, data: Any, schema: str, table: str) -> int:
+        """Load the table from data read out of the archive here (archive.TableData); the bytes of COPY text loaded.
+
+        pg_dump wrote the rows and their end marker, as pg_restore prints them.
+        """
+        what = f"{schema}.{table}"
+        statement = copy_statement(data.copy_line, schema, table)
+        return self.spread(statement, _until_end_marker(RowBlocks(data), what), what, data.settings)
 
     def _from_archive(self, stream: Any, what: str, schema: str, table: str) -> int:
         rows_in = RowBlocks(stream)

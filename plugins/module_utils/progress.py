@@ -111,7 +111,7 @@ class Progress:
         }  # fmt: skip
         self.warnings: list[str] = []
         self.reader_pids: list[int] = []  # tool processes whose reads are the dump's bytes
-        self.plain_read: Any = None  # or a function: bytes of the dump read so far (plain dumps)
+        self.own_read: Any = None  # or a function: bytes of the dump read here (plain dumps, large tables)
         self.sampler: Any = None  # or a function: the server's progress views, as (copying, indexing)
         self.counter: Any = None  # or a function: (tables, bytes, indexes) done, when no tool reports them
         self.parallel = False
@@ -176,7 +176,7 @@ class Progress:
             for kind in ("tables", "indexes", "bytes"):
                 if self.data[f"{kind}_total"] is not None:
                     self.data[f"{kind}_done"] = self.data[f"{kind}_total"]
-            self.reader_pids, self.plain_read, self.sampler, self.counter = [], None, None, None
+            self.reader_pids, self.own_read, self.sampler, self.counter = [], None, None, None
             self.data.update(copying=[], indexing=[])
         self.write()
 
@@ -236,8 +236,9 @@ class Progress:
             self.write()
 
     def _sample(self) -> None:
-        reader_pids, plain_read, sampler, counter = self.reader_pids, self.plain_read, self.sampler, self.counter
-        done = read_bytes(reader_pids) if reader_pids else plain_read() if plain_read else None
+        reader_pids, own_read, sampler, counter = self.reader_pids, self.own_read, self.sampler, self.counter
+        reads = ([read_bytes(reader_pids)] if reader_pids else []) + ([own_read()] if own_read else [])
+        done = sum(reads) if reads else None
         views: tuple[list[dict[str, Any]], list[dict[str, Any]]] | None = None
         counts: tuple[int, int, int] | None = None
         try:

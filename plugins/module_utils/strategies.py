@@ -254,7 +254,8 @@ class Staging:
         if opts.split_loaded:
             rest = "pg_restore --jobs" if self.dump.is_archive else "psql sessions around them"
             op.res.log.append(f"loaded {', '.join(opts.split_loaded)} by {req.load_jobs} COPY sessions each (at least "
-                              f"{req.parallel_table_mb} MB in \"{t.db}\"), the rest by {rest}")  # fmt: skip
+                              f"{req.parallel_table_mb} MB in \"{t.db}\"){opts.split_read_how()}, "
+                              f"the rest by {rest}")  # fmt: skip
         self.dump.unchanged(op.res.sha256)
         op.res.log.append(f'restored the {self.dump.format} dump into "{t.staging}"')
 
