@@ -87,8 +87,12 @@ def log(msg: str) -> None:
 KEPT = ("changed", "switch_window_ms", "phases_ms", "pgbouncer_pause_ms", "pgbouncer_window_ms", "switched_at")
 
 
-def timed(fn: Callable[..., dict | None], *args: object) -> dict:
-    """Run one operation: its seconds, or the failure a user would see (never both)."""
+def timed(fn: Callable[..., dict | None], *args: object, settle: str | None = None) -> dict:
+    """Run one operation: its seconds, or the failure a user would see (never both).
+
+    settle: the database it restored, vacuumed and analyzed untimed right after, as autovacuum would do a few
+    seconds later: during the next trial, whichever method that is.
+    """
     t = time.monotonic()
     try:
         out = fn(*args) or {}
@@ -97,6 +101,8 @@ def timed(fn: Callable[..., dict | None], *args: object) -> dict:
     s = time.monotonic() - t
     if args and isinstance(args[0], PgServer):
         args[0].pruned()  # untimed: the old copy our restore left to a background drop is gone before the next trial
+        if settle:
+            args[0].sql("VACUUM (ANALYZE)", dbname=settle)
     keep = {k: out[k] for k in KEPT if k in out}
     return {"ok": True, "s": s, **keep}
 
@@ -199,16 +205,17 @@ def bench_size(pg: PgServer, plan: Plan, scale: int, work: Path) -> dict:
             walls.append({"method": raw_method(jobs), **timed(createdb_and_pg_restore, pg, fresh, dump, jobs)})
             drop_reliably(pg, fresh)
         ensure_loaded(pg, db, dump)
-        walls.append({"method": "pg_restore_db swap", **timed(restore_swap, pg, db, dump)})
+        walls.append({"method": "pg_restore_db swap", **timed(restore_swap, pg, db, dump, settle=db)})
     size["walls"] = walls
     log(f"s={scale}: wall times done")
 
     pairs = []
     for trial in range(plan.progress_pairs):  # interleaved, so drift of the machine hits both alike
         ensure_loaded(pg, db, dump)
-        pairs.append({"method": "swap", "trial": trial, **timed(restore_swap, pg, db, dump)})
+        pairs.append({"method": "swap", "trial": trial, **timed(restore_swap, pg, db, dump, settle=db)})
         ensure_loaded(pg, db, dump)
-        pairs.append({"method": "swap + progress", "trial": trial, **timed(restore_swap_progress, pg, db, dump)})
+        pairs.append({"method": "swap + progress", "trial": trial,
+                      **timed(restore_swap_progress, pg, db, dump, settle=db)})  # fmt: skip
     size["progress"] = pairs
     log(f"s={scale}: progress overhead done")
 
@@ -256,7 +263,7 @@ def bench_many_tables(pg: PgServer, plan: Plan, work: Path) -> dict:
         walls.append({"method": raw_method(JOBS), "trial": trial,
                       **timed(createdb_and_pg_restore, pg, fresh, dump)})  # fmt: skip
         drop_reliably(pg, fresh)
-        walls.append({"method": "pg_restore_db swap", "trial": trial, **timed(restore_swap, pg, db, dump)})
+        walls.append({"method": "pg_restore_db swap", "trial": trial, **timed(restore_swap, pg, db, dump, settle=db)})
     log(f"{plan.many_tables} tables: wall times done")
     for (name,) in pg.sql("SELECT datname FROM pg_database WHERE datname LIKE %s", (f"{db}%",)):
         drop_reliably(pg, name)

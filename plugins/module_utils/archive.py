@@ -1,31 +1,38 @@
 # Copyright: pgops.dbrestore contributors
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
-"""A large table's rows read straight from a custom-format archive, without pg_restore in between.
+"""A large table's rows read straight from a custom or directory archive, without pg_restore in between.
 
 Piped out of pg_restore, a table's COPY text reaches us in 4 kB writes: on 2 cores the pipe's
 wake-ups cost more CPU than the inflating. Here the archive's table of contents gives the
-table's COPY line and where its data starts; its chunks are inflated here (zlib, as pg_dump
-wrote them) into the caller's buffer. Archives this reader does not know (format versions
-before 1.12, lz4 or zstd compression, data without a recorded offset) go through pg_restore.
+table's COPY line and where its data is (an offset in a custom archive, a file in a directory
+one), and its data is inflated here (zlib, as pg_dump wrote it) into the caller's buffer. What
+this reader does not know (format versions before 1.12, lz4 or zstd compression, a custom
+archive written to a pipe, which records no offsets) goes through pg_restore.
 
-Whoever writes the backup directory controls the archive: every length read is checked
-against the file's size, and no inflate step gives more than the buffer it fills.
+Whoever writes the backup directory controls the archive: every length read is checked against
+the file's size, a directory archive's data file is opened only by a name pg_dump gives (never
+a path, never through a symlink), and no inflate step gives more than the buffer it fills.
 """
 
 from __future__ import annotations
 
+import gzip
 import os
+import re
 import zlib
 from dataclasses import dataclass
+from typing import IO, Any
 
 from ansible_collections.pgops.dbrestore.plugins.module_utils.parallel import PG_RESTORE_FIXED, dump_setting, dump_text
 from ansible_collections.pgops.dbrestore.plugins.module_utils.postgres import PgOpsError
 
-_PGDMP_CUSTOM = 1  # the format byte of a custom archive (archCustom)
+_CUSTOM_FORMAT = 1  # the format byte of a custom archive (archCustom)
 _GZIP, _NONE = 1, 0  # compression of archive versions 1.15+; before, a level (0 = none)
 _OFFSET_SET = 2  # K_OFFSET_POS_SET: the data's position was recorded (the dump went to a seekable file)
 _BLOCK_DATA = 1  # BLK_DATA
-_TOC_CHUNK = 1 << 16
+_READ_AHEAD = 1 << 16
+_DATA_FILE = re.compile(rb"\d+\.dat")  # a table's data file in a directory archive, as pg_dump names it
+_NOFOLLOW = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
 
 
 class NotReadableHere(Exception):
@@ -45,7 +52,7 @@ class _Cursor:
         if n < 0 or self.pos + n > self.size:
             raise NotReadableHere(f"a length of {n} bytes at offset {self.pos} runs past the end of the file")
         if self.pos + n > self.at + len(self.buf):
-            self.buf, self.at = os.pread(self.fd, max(n, _TOC_CHUNK), self.pos), self.pos
+            self.buf, self.at = os.pread(self.fd, max(n, _READ_AHEAD), self.pos), self.pos
         out = self.buf[self.pos - self.at : self.pos - self.at + n]
         self.pos += n
         return out
@@ -71,33 +78,22 @@ class _Entry:
     tag: bytes | None
     defn: bytes | None
     copy_line: bytes | None
-    data_pos: int  # -1 when no position was recorded
+    data_pos: int  # custom: where the data block starts, -1 when no position was recorded
+    data_file: bytes  # directory: the data file's name ("2583.dat")
 
 
-class CustomArchive:
-    """The table of contents of a custom-format archive, read from its open file descriptor."""
+class Archive:
+    """The table of contents of a custom archive (fd: the file) or a directory archive (fd: the directory)."""
 
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
-        self.size = os.fstat(fd).st_size
-        c = _Cursor(fd, self.size)
-        if c.bytes(5) != b"PGDMP":
-            raise NotReadableHere("not a custom-format archive")
-        c.version = (c.byte(), c.byte())
-        c.byte()  # revision
-        c.int_size, c.off_size, fmt = c.byte(), c.byte(), c.byte()
-        if c.version < (1, 12) or fmt != _PGDMP_CUSTOM or not 1 <= c.int_size <= 8 or not 1 <= c.off_size <= 8:
-            raise NotReadableHere(f"archive version {c.version[0]}.{c.version[1]}, format {fmt}")
-        compression = c.byte() if c.version >= (1, 15) else (_GZIP if c.int() else _NONE)
-        if compression not in (_GZIP, _NONE):
-            raise NotReadableHere("lz4 or zstd compression")
-        self.compressed = compression == _GZIP
-        for _field in range(7):  # the dump's time
-            c.int()
-        for _name in range(3):  # database name, server and pg_dump versions
-            c.str()
-        self.entries = [self._entry(c) for _i in range(c.int())]
-        self.int_size = c.int_size
+    def __init__(self, fd: int, directory: bool) -> None:
+        self.fd, self.directory = fd, directory
+        toc_fd = os.open("toc.dat", _NOFOLLOW, dir_fd=fd) if directory else fd
+        try:
+            self.size = os.fstat(toc_fd).st_size
+            self._read_toc(_Cursor(toc_fd, self.size))
+        finally:
+            if directory:
+                os.close(toc_fd)
         # the settings pg_restore starts each session with: its own, then the dump's (encoding, search_path)
         self.settings = dict(PG_RESTORE_FIXED)
         for e in self.entries:
@@ -106,8 +102,25 @@ class CustomArchive:
                 if setting:
                     self.settings[setting[0]] = setting[1]
 
-    @staticmethod
-    def _entry(c: _Cursor) -> _Entry:
+    def _read_toc(self, c: _Cursor) -> None:
+        if c.bytes(5) != b"PGDMP":
+            raise NotReadableHere("not a pg_dump archive")
+        c.version = (c.byte(), c.byte())
+        c.byte()  # revision
+        c.int_size, c.off_size, fmt = c.byte(), c.byte(), c.byte()
+        if c.version < (1, 12) or not 1 <= c.int_size <= 8 or not 1 <= c.off_size <= 8:
+            raise NotReadableHere(f"archive version {c.version[0]}.{c.version[1]}")
+        compression = c.byte() if c.version >= (1, 15) else (_GZIP if c.int() else _NONE)
+        if not self.directory and (fmt != _CUSTOM_FORMAT or compression not in (_GZIP, _NONE)):
+            raise NotReadableHere("lz4 or zstd compression")  # a directory's files say theirs: 2583.dat.lz4
+        self.compressed, self.int_size = compression == _GZIP, c.int_size
+        for _field in range(7):  # the dump's time
+            c.int()
+        for _name in range(3):  # database name, server and pg_dump versions
+            c.str()
+        self.entries = [self._entry(c) for _i in range(c.int())]
+
+    def _entry(self, c: _Cursor) -> _Entry:
         dump_id = c.int()
         c.int()  # had a dumper
         c.str(), c.str()  # catalog ids
@@ -124,15 +137,23 @@ class CustomArchive:
         c.str(), c.str()  # owner, "with oids"
         while c.str() is not None:  # dependencies
             pass
-        flag = c.byte()
-        pos = int.from_bytes(c.bytes(c.off_size), "little")
-        return _Entry(dump_id, desc or b"", namespace, tag, defn, copy_line, pos if flag == _OFFSET_SET else -1)
+        pos, name = -1, b""
+        if self.directory:
+            name = c.str() or b""
+        else:
+            flag, offset = c.byte(), int.from_bytes(c.bytes(c.off_size), "little")
+            pos = offset if flag == _OFFSET_SET else -1
+        return _Entry(dump_id, desc or b"", namespace, tag, defn, copy_line, pos, name)
 
     def table_data(self, schema: str, table: str) -> TableData | None:
         """The table's data, or None when this reader cannot read it (pg_restore then does)."""
         for e in self.entries:
             if e.desc == b"TABLE DATA" and (self.text(e.namespace), self.text(e.tag)) == (schema, table):
-                return TableData(self, e) if e.data_pos >= 0 and e.copy_line else None
+                if not e.copy_line:
+                    return None
+                if self.directory:
+                    return _FileData.open(self, e)
+                return _ChunkData(self, e) if e.data_pos >= 0 else None
         return None
 
     def text(self, raw: bytes | None) -> str:
@@ -140,11 +161,30 @@ class CustomArchive:
 
 
 class TableData:
-    """A table's COPY text, inflated from the archive's chunks into whatever buffer readinto is given."""
+    """A table's COPY text (rows and pg_dump's end marker), read into whatever buffer readinto is given."""
 
-    def __init__(self, archive: CustomArchive, entry: _Entry) -> None:
+    def __init__(self, archive: Archive, entry: _Entry) -> None:
         self.copy_line, self.settings = archive.text(entry.copy_line), archive.settings
         self.what = f"{archive.text(entry.namespace)}.{archive.text(entry.tag)}"
+
+    @property
+    def read(self) -> int:
+        """Bytes of the archive read so far."""
+        raise NotImplementedError
+
+    def readinto(self, view: memoryview) -> int:
+        """Fill view with the next bytes of COPY text, as far as they go; 0 at the end."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+class _ChunkData(TableData):
+    """A custom archive's data block: chunks of a length each, inflated as one zlib stream."""
+
+    def __init__(self, archive: Archive, entry: _Entry) -> None:
+        super().__init__(archive, entry)
         self.c = _Cursor(archive.fd, archive.size, entry.data_pos)
         self.c.int_size = archive.int_size
         self.inflate = zlib.decompressobj() if archive.compressed else None
@@ -161,11 +201,9 @@ class TableData:
 
     @property
     def read(self) -> int:
-        """Bytes of the archive read so far."""
         return self.c.pos - self.start
 
     def readinto(self, view: memoryview) -> int:
-        """Fill view with the next bytes of COPY text, as far as they go; 0 at the end."""
         filled = 0
         try:
             while filled < len(view):
@@ -191,6 +229,49 @@ class TableData:
         except (NotReadableHere, zlib.error) as exc:
             raise _unreadable(self.what, exc) from exc
         return filled
+
+
+class _FileData(TableData):
+    """A directory archive's data file: 2583.dat as it is, or 2583.dat.gz (gzip), as pg_restore looks for them."""
+
+    @classmethod
+    def open(cls, archive: Archive, entry: _Entry) -> _FileData | None:
+        if not _DATA_FILE.fullmatch(entry.data_file):
+            return None  # not a name pg_dump gives: pg_restore says what it makes of it
+        for suffix, gz in ((b"", False), (b".gz", True)):
+            try:
+                fd = os.open(entry.data_file + suffix, _NOFOLLOW, dir_fd=archive.fd)
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                raise _unreadable(f"{archive.text(entry.namespace)}.{archive.text(entry.tag)}", exc) from exc
+            return cls(archive, entry, os.fdopen(fd, "rb"), gz)
+        return None  # 2583.dat.lz4, .zst: pg_restore reads them
+
+    def __init__(self, archive: Archive, entry: _Entry, file: IO[bytes], gz: bool) -> None:
+        super().__init__(archive, entry)
+        self.file = file
+        self.stream: Any = gzip.GzipFile(fileobj=file, mode="rb") if gz else file
+
+    @property
+    def read(self) -> int:
+        return self.file.tell()
+
+    def readinto(self, view: memoryview) -> int:
+        filled = 0
+        try:
+            while filled < len(view):
+                got = self.stream.readinto(view[filled:])
+                if not got:
+                    break
+                filled += got
+        except (OSError, EOFError, zlib.error) as exc:
+            raise _unreadable(self.what, exc) from exc
+        return filled
+
+    def close(self) -> None:
+        self.stream.close()
+        self.file.close()
 
 
 def _unreadable(what: str, why: object) -> PgOpsError:

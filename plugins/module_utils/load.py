@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ansible_collections.pgops.dbrestore.plugins.module_utils.archive import CustomArchive, NotReadableHere
+from ansible_collections.pgops.dbrestore.plugins.module_utils.archive import Archive, NotReadableHere
 from ansible_collections.pgops.dbrestore.plugins.module_utils.dumpfile import DumpSource, PlainFilter, _FdReader
 from ansible_collections.pgops.dbrestore.plugins.module_utils.parallel import (
     PlainSplit,
@@ -256,7 +256,7 @@ def _restore_split(
 
         others = threading.Thread(target=rest, name="pgops-restore-data", daemon=True)
         others.start()
-        archive, read_here = _custom_archive(dump), []
+        archive, read_here = _archive(dump), []
         if progress is not None:
             progress.own_read = lambda: sum(data.read for data in read_here)
         try:
@@ -265,7 +265,10 @@ def _restore_split(
                 data = archive.table_data(schema, table) if archive is not None else None
                 if data is not None:
                     read_here.append(data)
-                    split.load(data, schema, table)
+                    try:
+                        split.load(data, schema, table)
+                    finally:
+                        data.close()
                     opts.split_read_here.append(f"{schema}.{table}")
                 else:
                     argv = [pg_restore, "--data-only", "-n", schema, "-t", table, "-f", "-", dump.child_path]
@@ -283,12 +286,12 @@ def _restore_split(
     return []
 
 
-def _custom_archive(dump: DumpSource) -> CustomArchive | None:
-    """The custom archive's TOC, for reading large tables here; None when pg_restore must read them."""
-    if dump.format != "custom":
+def _archive(dump: DumpSource) -> Archive | None:
+    """The archive's TOC, for reading large tables here; None when pg_restore must read them."""
+    if dump.format not in ("custom", "directory"):
         return None
     try:
-        return CustomArchive(dump.fd)
+        return Archive(dump.fd, directory=dump.is_dir)
     except (NotReadableHere, OSError):
         return None
 

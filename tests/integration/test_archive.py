@@ -1,15 +1,16 @@
-"""A large table's rows read out of a custom archive here are, byte for byte, the rows pg_restore prints; archives
-this reader does not know are left to pg_restore, and a damaged one fails with what to run."""
+"""A large table's rows read out of a custom or directory archive here are, byte for byte, the rows pg_restore
+prints; archives this reader does not know are left to pg_restore, and a damaged one fails with what to run."""
 
 from __future__ import annotations
 
+import gzip
 import os
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from ansible_collections.pgops.dbrestore.plugins.module_utils.archive import CustomArchive, NotReadableHere
+from ansible_collections.pgops.dbrestore.plugins.module_utils.archive import Archive, NotReadableHere
 from ansible_collections.pgops.dbrestore.plugins.module_utils.postgres import PgOpsError
 from tests.conftest import drop_database
 from tests.harness.pg import PgServer, client_bindir, start_server
@@ -21,15 +22,16 @@ TABLE = ("odd schema", "Events")
 
 
 def pg_dump(pg: PgServer, db: str, dest: Path, *args: str, bindir: Path | None = None) -> Path:
+    """A custom archive (-Fc unless args say -Fd or -Ft); "piped": written to a pipe, which records no data offsets."""
     argv = [str((bindir or client_bindir()) / "pg_dump"), "-Fc", *args, "-d", db]
-    with open(dest, "wb") as out:  # "piped": pg_dump writes to a pipe, so no data offsets are recorded
-        if "piped" in args:
-            argv.remove("piped")
+    if "piped" in args:
+        argv.remove("piped")
+        with open(dest, "wb") as out:
             dumper = subprocess.Popen(argv, stdout=subprocess.PIPE, env=pg.client_env())
             subprocess.run(["cat"], stdin=dumper.stdout, stdout=out, check=True)
             assert dumper.wait() == 0
-        else:
-            subprocess.run([*argv, "-f", str(dest)], env=pg.client_env(), check=True)
+    else:
+        subprocess.run([*argv, "-f", str(dest)], env=pg.client_env(), check=True)
     return dest
 
 
@@ -38,13 +40,14 @@ def read_here(dump: Path) -> tuple[bytes, dict[str, str]] | None:
     pg_dump wrote the COPY text with its end marker."""
     fd = os.open(dump, os.O_RDONLY)
     try:
-        data = CustomArchive(fd).table_data(*TABLE)
+        data = Archive(fd, directory=dump.is_dir()).table_data(*TABLE)
         if data is None:
             return None
         out, buf = bytearray(), bytearray(100_003)
         while True:
             n = data.readinto(memoryview(buf))
             if not n:
+                data.close()
                 return bytes(out), data.settings
             out += buf[:n]
     finally:
@@ -58,9 +61,10 @@ def printed_by_pg_restore(dump: Path) -> bytes:
     return text[start : text.index(b"\n\\.\n", start) + 1]
 
 
-@pytest.mark.parametrize("args", [(), ("-Z0",), ("-Z9",)], ids=["gzip", "uncompressed", "gzip-9"])
+@pytest.mark.parametrize("args", [(), ("-Z0",), ("-Fd",), ("-Fd", "-Z0")],
+                         ids=["custom", "custom-uncompressed", "directory", "directory-uncompressed"])  # fmt: skip
 def test_rows_read_here_are_the_rows_pg_restore_prints(pg: PgServer, source: str, tmp_path: Path, args):  # noqa: F811
-    dump = pg_dump(pg, source, tmp_path / "events.pgc", *args)
+    dump = pg_dump(pg, source, tmp_path / "events", *args)
     rows, settings = read_here(dump)
     assert rows.count(b"\n") >= 60000 and rows == printed_by_pg_restore(dump) + b"\\.\n\n\n"
     assert settings["client_encoding"] == "UTF8" and settings["search_path"] == "" and settings["row_security"] == "off"
@@ -84,12 +88,29 @@ def test_an_archive_of_pg_dump_15_format_1_14_is_read_here(tmp_path: Path):
 
 def test_archives_this_reader_does_not_know_are_left_to_pg_restore(pg: PgServer, source: str, tmp_path: Path):  # noqa: F811
     assert read_here(pg_dump(pg, source, tmp_path / "piped.pgc", "piped")) is None  # no data offsets recorded
+    directory = pg_dump(pg, source, tmp_path / "events.dir", "-Fd")
+    for gz in directory.glob("*.dat.gz"):  # recompressed as pg_dump --compress=lz4 names them: 2583.dat.lz4
+        plain = gz.with_suffix("")
+        plain.write_bytes(gzip.decompress(gz.read_bytes()))
+        subprocess.run(["lz4", "-q", "--rm", str(plain), str(gz.with_suffix(".lz4"))], check=True)
+        gz.unlink()
+    assert read_here(directory) is None
     fd = os.open(pg_dump(pg, source, tmp_path / "events.tar", "-Ft"), os.O_RDONLY)
     try:
         with pytest.raises(NotReadableHere):
-            CustomArchive(fd)
+            Archive(fd, directory=False)
     finally:
         os.close(fd)
+
+
+def test_a_directory_archives_data_file_is_never_read_through_a_symlink(pg: PgServer, source: str, tmp_path: Path):  # noqa: F811
+    directory = pg_dump(pg, source, tmp_path / "events.dir", "-Fd")
+    events = max(directory.glob("*.dat.gz"), key=lambda f: f.stat().st_size)
+    elsewhere = tmp_path / "elsewhere.gz"
+    events.rename(elsewhere)
+    events.symlink_to(elsewhere)
+    with pytest.raises(PgOpsError, match=r"odd schema\.Events cannot be read: .*symbolic links"):
+        read_here(directory)
 
 
 def test_a_cut_archive_fails_with_what_to_run(pg: PgServer, source: str, tmp_path: Path):  # noqa: F811
