@@ -112,7 +112,7 @@ class Archive:
             raise NotReadableHere(f"archive version {c.version[0]}.{c.version[1]}")
         compression = c.byte() if c.version >= (1, 15) else (_GZIP if c.int() else _NONE)
         if not self.directory and (fmt != _CUSTOM_FORMAT or compression not in (_GZIP, _NONE)):
-            raise NotReadableHere("lz4 or zstd compression")  # a directory's files say theirs: 2583.dat.lz4
+            raise NotReadableHere(f"format {fmt}, compression {compression}")  # a directory's files say theirs
         self.compressed, self.int_size = compression == _GZIP, c.int_size
         for _field in range(7):  # the dump's time
             c.int()
@@ -165,7 +165,7 @@ class TableData:
 
     def __init__(self, archive: Archive, entry: _Entry) -> None:
         self.copy_line, self.settings = archive.text(entry.copy_line), archive.settings
-        self.what = f"{archive.text(entry.namespace)}.{archive.text(entry.tag)}"
+        self.what = _what(archive, entry)
 
     @property
     def read(self) -> int:
@@ -244,7 +244,7 @@ class _FileData(TableData):
             except FileNotFoundError:
                 continue
             except OSError as exc:
-                raise _unreadable(f"{archive.text(entry.namespace)}.{archive.text(entry.tag)}", exc) from exc
+                raise _unreadable(_what(archive, entry), exc) from exc
             return cls(archive, entry, os.fdopen(fd, "rb"), gz)
         return None  # 2583.dat.lz4, .zst: pg_restore reads them
 
@@ -252,10 +252,11 @@ class _FileData(TableData):
         super().__init__(archive, entry)
         self.file = file
         self.stream: Any = gzip.GzipFile(fileobj=file, mode="rb") if gz else file
+        self.done = 0  # the file's bytes read, as of the last readinto (the progress thread reads it)
 
     @property
     def read(self) -> int:
-        return self.file.tell()
+        return self.done
 
     def readinto(self, view: memoryview) -> int:
         filled = 0
@@ -265,6 +266,7 @@ class _FileData(TableData):
                 if not got:
                     break
                 filled += got
+            self.done = self.file.tell()
         except (OSError, EOFError, zlib.error) as exc:
             raise _unreadable(self.what, exc) from exc
         return filled
@@ -272,6 +274,10 @@ class _FileData(TableData):
     def close(self) -> None:
         self.stream.close()
         self.file.close()
+
+
+def _what(archive: Archive, entry: _Entry) -> str:
+    return f"{archive.text(entry.namespace)}.{archive.text(entry.tag)}"
 
 
 def _unreadable(what: str, why: object) -> PgOpsError:

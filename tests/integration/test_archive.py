@@ -14,10 +14,11 @@ from ansible_collections.pgops.dbrestore.plugins.module_utils.archive import Arc
 from ansible_collections.pgops.dbrestore.plugins.module_utils.postgres import PgOpsError
 from tests.conftest import drop_database
 from tests.harness.pg import PgServer, client_bindir, start_server
-from tests.integration.test_parallel_load import SOURCE_SQL, source  # noqa: F401 - a fixture
+from tests.integration.test_parallel_load import SOURCE_SQL, source
 from tests.integration.test_preflight import DEBIAN_15_BIN
 
 pytestmark = pytest.mark.newest_major
+__all__ = ["source"]  # the fixture
 TABLE = ("odd schema", "Events")
 
 
@@ -63,7 +64,7 @@ def printed_by_pg_restore(dump: Path) -> bytes:
 
 @pytest.mark.parametrize("args", [(), ("-Z0",), ("-Fd",), ("-Fd", "-Z0")],
                          ids=["custom", "custom-uncompressed", "directory", "directory-uncompressed"])  # fmt: skip
-def test_rows_read_here_are_the_rows_pg_restore_prints(pg: PgServer, source: str, tmp_path: Path, args):  # noqa: F811
+def test_rows_read_here_are_the_rows_pg_restore_prints(pg: PgServer, source: str, tmp_path: Path, args):
     dump = pg_dump(pg, source, tmp_path / "events", *args)
     rows, settings = read_here(dump)
     assert rows.count(b"\n") >= 60000 and rows == printed_by_pg_restore(dump) + b"\\.\n\n\n"
@@ -86,7 +87,7 @@ def test_an_archive_of_pg_dump_15_format_1_14_is_read_here(tmp_path: Path):
         old.destroy()
 
 
-def test_archives_this_reader_does_not_know_are_left_to_pg_restore(pg: PgServer, source: str, tmp_path: Path):  # noqa: F811
+def test_archives_this_reader_does_not_know_are_left_to_pg_restore(pg: PgServer, source: str, tmp_path: Path):
     assert read_here(pg_dump(pg, source, tmp_path / "piped.pgc", "piped")) is None  # no data offsets recorded
     directory = pg_dump(pg, source, tmp_path / "events.dir", "-Fd")
     for gz in directory.glob("*.dat.gz"):  # recompressed as pg_dump --compress=lz4 names them: 2583.dat.lz4
@@ -103,7 +104,7 @@ def test_archives_this_reader_does_not_know_are_left_to_pg_restore(pg: PgServer,
         os.close(fd)
 
 
-def test_a_directory_archives_data_file_is_never_read_through_a_symlink(pg: PgServer, source: str, tmp_path: Path):  # noqa: F811
+def test_a_directory_archives_data_file_is_never_read_through_a_symlink(pg: PgServer, source: str, tmp_path: Path):
     directory = pg_dump(pg, source, tmp_path / "events.dir", "-Fd")
     events = max(directory.glob("*.dat.gz"), key=lambda f: f.stat().st_size)
     elsewhere = tmp_path / "elsewhere.gz"
@@ -113,7 +114,7 @@ def test_a_directory_archives_data_file_is_never_read_through_a_symlink(pg: PgSe
         read_here(directory)
 
 
-def test_a_cut_archive_fails_with_what_to_run(pg: PgServer, source: str, tmp_path: Path):  # noqa: F811
+def test_a_cut_archive_fails_with_what_to_run(pg: PgServer, source: str, tmp_path: Path):
     dump = pg_dump(pg, source, tmp_path / "events.pgc")
     whole = dump.read_bytes()
     dump.write_bytes(whole[: len(whole) // 2])

@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 from psycopg import sql
 
+from ansible_collections.pgops.dbrestore.plugins.module_utils.progress import read_progress
+from ansible_collections.pgops.dbrestore.plugins.module_utils.restore import RestoreRequest, restore_database
 from tests.conftest import drop_database
 from tests.harness.ansible_run import ansible_env
 from tests.harness.dumps import make_dump
@@ -167,3 +169,48 @@ def test_a_long_role_run_prints_progress_at_the_default_interval(pg: PgServer, t
     assert clock == sorted(clock) and clock[-1] >= 20, text
     assert all(int(m["tables"]) <= 2 and 0 <= int(m["pct"]) < 100 for _t, m in staging), text
     assert "slow_db: restored from" in text and "[WARNING]" not in text, text
+
+
+# a kB of random hex a row (the subquery refers to g, so that it runs for each row)
+BIG_ROWS = ("SELECT (SELECT string_agg(md5(random()::text || i), '') FROM generate_series(1, 32) i WHERE g > 0), g "
+            "FROM generate_series(1, 20000) g")  # fmt: skip
+
+
+def test_the_bytes_of_a_large_table_read_here_count_in_the_progress(pg: PgServer, tmp_path: Path):
+    """A large table split over COPY sessions, its rows read out of the archive by the module itself (pg_restore
+    reads none of them): while its first row waits in the gate, the progress counts the bytes read ahead."""
+    gate = sql.Identifier(GATE_ROLE)
+    pg.sql(sql.SQL("CREATE ROLE {}").format(gate))  # open while the source and the live database are made
+    pg.sql("CREATE DATABASE gate_big_source")
+    pg.sql("CREATE DATABASE gate_big")
+    progress_dir = tmp_path / "progress"
+    run: threading.Thread | None = None
+    try:  # 20 000 rows of 1 kB that hardly compress: about 11 MB of dump, read ahead by far less than all
+        pg.sql(GATE_SQL.replace("(x integer CHECK", "(pad text, x integer CHECK").replace("VALUES (1)", BIG_ROWS),
+               dbname="gate_big_source")  # fmt: skip
+        dump = make_dump(pg, "gate_big_source", "custom", tmp_path / "gate_big.dump")
+        subprocess.run([str(client_bindir() / "pg_restore"), "-d", "gate_big", str(dump)], env=pg.client_env(),
+                       check=True)  # fmt: skip
+        pg.sql(sql.SQL("DROP ROLE {}").format(gate))  # closed: the COPY sessions wait at their first row
+        req = RestoreRequest(db="gate_big", src=str(dump), bindir=str(client_bindir()), jobs=2, parallel_table_mb=1,
+                             progress_dir=str(progress_dir), force=True)  # fmt: skip
+        done: list = []
+        run = threading.Thread(target=lambda: done.append(restore_database(pg.params(), req)), daemon=True)
+        run.start()
+        deadline = time.monotonic() + 60
+        while (read_progress(str(progress_dir), "gate_big") or {}).get("bytes_done", 0) < 2 << 20:
+            assert run.is_alive() and time.monotonic() < deadline, read_progress(str(progress_dir), "gate_big")
+            time.sleep(0.1)
+        held = read_progress(str(progress_dir), "gate_big")
+        assert held["state"] == "running" and held["bytes_done"] < held["bytes_total"], held
+    finally:
+        if run is not None:
+            pg.sql(sql.SQL("CREATE ROLE {}").format(gate))  # open the gate
+            run.join(timeout=120)
+        pg.sql(sql.SQL("DROP ROLE IF EXISTS {}").format(gate))
+        for (name,) in pg.sql("SELECT datname FROM pg_database WHERE datname ~ '^gate_big'"):
+            drop_database(pg, name)
+    assert done and done[0].changed
+    assert "read from the archive here" in " ".join(done[0].log), done[0].log
+    final = read_progress(str(progress_dir), "gate_big")
+    assert final["state"] == "done" and final["bytes_done"] == final["bytes_total"]
