@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -29,7 +30,7 @@ def pg_dump(pg: PgServer, db: str, dest: Path, *args: str, bindir: Path | None =
         argv.remove("piped")
         with open(dest, "wb") as out:
             dumper = subprocess.Popen(argv, stdout=subprocess.PIPE, env=pg.client_env())
-            subprocess.run(["cat"], stdin=dumper.stdout, stdout=out, check=True)
+            shutil.copyfileobj(dumper.stdout, out)  # type: ignore[arg-type]
             assert dumper.wait() == 0
     else:
         subprocess.run([*argv, "-f", str(dest)], env=pg.client_env(), check=True)
