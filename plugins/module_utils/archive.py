@@ -89,7 +89,7 @@ class Archive:
         self.fd, self.directory = fd, directory
         toc_fd = os.open("toc.dat", _NOFOLLOW, dir_fd=fd) if directory else fd
         try:
-            self.size = os.fstat(toc_fd).st_size
+            self.size = os.fstat(toc_fd).st_size  # toc.dat's; of a custom archive, the whole file's (its data too)
             self._read_toc(_Cursor(toc_fd, self.size))
         finally:
             if directory:
@@ -97,7 +97,9 @@ class Archive:
         # the settings pg_restore starts each session with: its own, then the dump's (encoding, search_path)
         self.settings = dict(PG_RESTORE_FIXED)
         for e in self.entries:
-            for line in (e.defn or b"").splitlines(keepends=True) if e.desc in (b"ENCODING", b"SEARCHPATH") else ():
+            if e.desc not in (b"ENCODING", b"SEARCHPATH"):
+                continue
+            for line in (e.defn or b"").splitlines(keepends=True):
                 setting = dump_setting(line)
                 if setting:
                     self.settings[setting[0]] = setting[1]
